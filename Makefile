@@ -1,0 +1,26 @@
+# `make train` and `make test` install what they need on first use.
+# They use the active virtual environment if there is one, else make ./.venv.
+ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PYTHON := $(ENV_DIR)/bin/python
+STAMP := $(ENV_DIR)/.ppo-cartpole-installed
+
+.PHONY: install train test test-slow clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PYTHON) || python3 -m venv $(ENV_DIR)
+	$(PYTHON) -m pip install -r requirements.txt
+	@touch $@
+
+train: $(STAMP)  ## a full run that stops once solved, with plot and GIF
+	$(PYTHON) ppo_cartpole.py --stop-when-solved --out-dir runs/train
+
+test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache __pycache__

@@ -1,0 +1,928 @@
+"""PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
+
+One file, read top to bottom in the order the algorithm runs:
+
+    config -> environments -> model -> rollout -> advantages (GAE) -> losses -> schedules
+    -> update -> tracking and checkpoints -> plot -> GIF -> evaluation -> train -> main
+
+Every function takes what it needs as arguments and returns what it made, so any piece can be
+copied into another project alone. Shapes: T = steps per env per rollout, N = number of envs,
+B = a batch of samples, A = number of actions, D = observation size.
+
+Usage:
+    python ppo_cartpole.py                          # train with the defaults
+    python ppo_cartpole.py --episodes 2000 --device cuda
+    python ppo_cartpole.py --eval runs/<run>/best.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ==================================================================================================
+# Config
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run. Field names are the flags' names (`--num-envs` -> `num_envs`)."""
+
+    env_id: str = "CartPole-v1"  # any gymnasium env with Discrete actions and a flat Box observation
+    vectorization_mode: str = "sync"  # "sync" (SyncVectorEnv, as the post) or "vector_entry_point"
+    episodes: int = 2000  # rollout+update iterations (the post calls one an "episode")
+    num_envs: int = 8  # N parallel envs
+    buffer_size: int = 2048  # transitions per rollout over all envs: T = buffer_size / num_envs
+    minibatch_size: int = 64
+    update_epochs: int = 4  # K passes over each rollout
+    clip_eps: float = 0.2  # PPO's epsilon in L^CLIP
+    lr: float = 3e-4  # post: 1e-4 (README: it needs ~3x the samples)
+    anneal_lr: bool = False  # linear decay of lr to 0 over the run
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    entropy_coef: float = 0.02  # initial entropy bonus, annealed linearly ...
+    entropy_floor: float = 0.001  # ... down to this floor
+    value_coef: float = 0.5
+    clip_value: bool = True  # clip the value update as the post does
+    value_clip_eps: float | None = None  # range of the value clip; None = same as clip_eps (post)
+    target_kl: float | None = None  # stop this update once a minibatch's approx KL exceeds it
+    max_grad_norm: float | None = 0.5  # post: no gradient clipping
+    ema_alpha: float = 0.1  # weight of the newest episode in the EMA of returns
+    target_return: float | None = None  # None = the env's reward_threshold (475 for CartPole-v1)
+    stop_when_solved: bool = False
+    confirm_episodes: int = 5  # greedy episodes that confirm a best.pt candidate (0 = no check)
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch CPU threads; 1 is fastest for a 64-unit MLP on small batches
+    out_dir: str | None = None  # None = a fresh runs/<env>__<seed>__<time> folder
+    plot: bool = True
+    gif: bool = True
+    eval: str | None = None  # evaluate this checkpoint instead of training
+    eval_episodes: int = 10
+
+
+def _check(parser, ok, flag, allowed):
+    if not ok:
+        parser.error(f"argument {flag}: must be {allowed}")
+
+
+def _validate_env(parser, config):
+    """Make the env once to check the things PPO here relies on; returns the target return."""
+    try:
+        spec = gym.spec(config.env_id)
+        env = gym.make(config.env_id)
+    except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
+        parser.error(f"argument --env-id: cannot make {config.env_id!r}: {exc}")
+    action_space, observation_space = env.action_space, env.observation_space
+    env.close()
+    _check(parser, isinstance(action_space, gym.spaces.Discrete), "--env-id",
+           f"an env with a Discrete action space ({config.env_id} has {action_space})")
+    _check(parser, isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
+           "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
+    _check(parser, config.vectorization_mode == "sync" or spec.vector_entry_point is not None,
+           "--vectorization-mode", f"'sync' for {config.env_id}, which has no vector_entry_point")
+    if config.target_return is not None:
+        return config.target_return
+    _check(parser, spec.reward_threshold is not None, "--target-return",
+           f"given for {config.env_id}, which has no reward_threshold")
+    return float(spec.reward_threshold)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(
+        description="PPO for gymnasium's CartPole-v1, in one readable file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env-id", default=d.env_id, help="gymnasium env id")
+    p.add_argument("--vectorization-mode", default=d.vectorization_mode,
+                   choices=["sync", "vector_entry_point"],
+                   help="sync = SyncVectorEnv (the post); vector_entry_point = the env's native vector env")
+    p.add_argument("--episodes", "--iterations", type=int, default=d.episodes,
+                   help="rollout+update iterations (the post's 'episodes')")
+    p.add_argument("--num-envs", type=int, default=d.num_envs, help="parallel envs N")
+    p.add_argument("--buffer-size", type=int, default=d.buffer_size,
+                   help="transitions per rollout over all envs (T = buffer-size / num-envs)")
+    p.add_argument("--minibatch-size", type=int, default=d.minibatch_size)
+    p.add_argument("--update-epochs", type=int, default=d.update_epochs, help="K epochs per update")
+    p.add_argument("--clip-eps", type=float, default=d.clip_eps, help="epsilon of L^CLIP")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (post: 1e-4)")
+    p.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=d.anneal_lr,
+                   help="linear lr decay to 0")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="discount")
+    p.add_argument("--gae-lambda", type=float, default=d.gae_lambda, help="GAE lambda")
+    p.add_argument("--entropy-coef", type=float, default=d.entropy_coef, help="initial entropy bonus")
+    p.add_argument("--entropy-floor", type=float, default=d.entropy_floor,
+                   help="lowest entropy bonus of the linear annealing")
+    p.add_argument("--value-coef", type=float, default=d.value_coef, help="value loss weight")
+    p.add_argument("--clip-value", action=argparse.BooleanOptionalAction, default=d.clip_value,
+                   help="clip the value update (the post does)")
+    p.add_argument("--value-clip-eps", type=float, default=d.value_clip_eps,
+                   help="range of the value clip (default: --clip-eps, as the post)")
+    p.add_argument("--target-kl", type=float, default=d.target_kl,
+                   help="end an update once a minibatch's approx KL exceeds this (default: off)")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="gradient norm clip (0 = off; the post has none)")
+    p.add_argument("--ema-alpha", type=float, default=d.ema_alpha, help="EMA weight of a new return")
+    p.add_argument("--target-return", type=float, default=d.target_return,
+                   help="'solved' bar for the mean of the last 100 returns (default: env's reward_threshold)")
+    p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction,
+                   default=d.stop_when_solved, help="end training once solved")
+    p.add_argument("--confirm-episodes", type=int, default=d.confirm_episodes,
+                   help="greedy episodes that confirm a best.pt candidate (0 = save on EMA alone)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--out-dir", default=d.out_dir, help="run folder (default: a fresh runs/... folder)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=d.plot,
+                   help="write training.png")
+    p.add_argument("--gif", action=argparse.BooleanOptionalAction, default=d.gif, help="write agent.gif")
+    p.add_argument("--eval", metavar="CHECKPOINT", default=d.eval,
+                   help="evaluate a checkpoint greedily (and write its GIF) instead of training")
+    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """argv -> a validated Config. A bad value exits with status 2 and one `error:` line."""
+    parser = build_parser()
+    config = Config(**vars(parser.parse_args(argv)))
+    c, chk = config, lambda ok, flag, allowed: _check(parser, ok, flag, allowed)
+    chk(c.episodes > 0, "--episodes", "a positive integer")
+    chk(c.num_envs > 0, "--num-envs", "a positive integer")
+    chk(c.buffer_size > 0, "--buffer-size", "a positive integer")
+    chk(c.buffer_size % c.num_envs == 0, "--buffer-size",
+        f"a multiple of --num-envs ({c.num_envs}), got {c.buffer_size}")
+    chk(c.minibatch_size > 0, "--minibatch-size", "a positive integer")
+    chk(c.minibatch_size <= c.buffer_size, "--minibatch-size",
+        f"at most --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
+    chk(c.update_epochs > 0, "--update-epochs", "a positive integer")
+    chk(0 < c.clip_eps < 1, "--clip-eps", f"in (0, 1), got {c.clip_eps}")
+    chk(c.value_clip_eps is None or c.value_clip_eps > 0, "--value-clip-eps", "positive")
+    chk(c.lr > 0 and math.isfinite(c.lr), "--lr", f"a positive number, got {c.lr}")
+    chk(0 <= c.gamma <= 1, "--gamma", f"in [0, 1], got {c.gamma}")
+    chk(0 <= c.gae_lambda <= 1, "--gae-lambda", f"in [0, 1], got {c.gae_lambda}")
+    chk(c.entropy_coef >= 0, "--entropy-coef", "non-negative (>= 0)")
+    chk(c.entropy_floor >= 0, "--entropy-floor", "non-negative (>= 0)")
+    chk(c.value_coef >= 0, "--value-coef", "non-negative (>= 0)")
+    chk(c.target_kl is None or c.target_kl > 0, "--target-kl", "positive")
+    chk(c.max_grad_norm is None or c.max_grad_norm >= 0, "--max-grad-norm", "non-negative (>= 0)")
+    chk(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
+    chk(c.confirm_episodes >= 0, "--confirm-episodes", "non-negative (>= 0)")
+    chk(c.threads > 0, "--threads", "a positive integer")
+    chk(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
+    chk(c.device != "cuda" or torch.cuda.is_available(), "--device",
+        "auto or cpu: CUDA is not available on this machine")
+    if c.max_grad_norm == 0:
+        config = dataclasses.replace(config, max_grad_norm=None)
+    if c.eval is None:  # --eval reads the env id from the checkpoint instead
+        config = dataclasses.replace(config, target_return=_validate_env(parser, config))
+    return config
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+# ==================================================================================================
+# Environments
+# ==================================================================================================
+
+
+def make_envs(env_id: str, num_envs: int, vectorization_mode: str = "sync", **env_kwargs) -> gym.vector.VectorEnv:
+    """N copies of env_id in one vector env.
+
+    Both modes use gymnasium >= 1.0's default *next-step* autoreset: the step after an episode
+    ends ignores the action and returns the reset observation with reward 0. That step is not
+    experience; the collector marks it invalid (the trap CleanRL's users hit on gymnasium 1.x).
+    """
+    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=vectorization_mode, **env_kwargs)
+
+
+# ==================================================================================================
+# Model
+# ==================================================================================================
+
+
+def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
+    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.hidden = int(obs_dim), int(act_dim), int(hidden)  # not numpy ints:
+        # they go into checkpoints, which torch.load(weights_only=True) must read
+        self.trunk = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden), math.sqrt(2)), nn.ReLU(),
+            layer_init(nn.Linear(hidden, hidden), math.sqrt(2)), nn.ReLU())
+        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # near-uniform first policy
+        self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [B, D] -> (logits [B, A], value [B])."""
+        features = self.trunk(obs)
+        return self.policy_head(features), self.value_head(features).squeeze(-1)
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
+    """logits [B, A] -> (actions [B] int64, log-probs [B]).
+
+    Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits). Same distribution as
+    torch.distributions.Categorical, without building a distribution object every step.
+    """
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+    return actions, log_prob_of(logits, actions)
+
+
+def log_prob_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s): logits [B, A], actions [B] -> [B]."""
+    return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits): [B, A] -> [B]."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+# ==================================================================================================
+# Rollout
+# ==================================================================================================
+
+
+@dataclass
+class Rollout:
+    """One rollout, stored [T, N] (time, env): GAE runs along time, per env.
+
+    The post's flat list interleaved the envs, so its GAE mixed them up.
+    """
+
+    obs: torch.Tensor  # [T, N, D]
+    actions: torch.Tensor  # [T, N]
+    logprobs: torch.Tensor  # [T, N]  log pi_old(a|s)
+    rewards: torch.Tensor  # [T, N]  with gamma * V(final obs) added on truncation
+    values: torch.Tensor  # [T, N]  V_old(s)
+    dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
+    valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
+    last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
+    episode_returns: torch.Tensor  # [E]  true (undiscounted, unbootstrapped) returns of the
+    episode_lengths: torch.Tensor  # [E]  episodes that ended in this rollout, ordered by end step
+    episode_end_steps: torch.Tensor  # [E]  env steps into the rollout (N per time step) at the end
+
+
+class Collector:
+    """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
+
+    The env state persists across rollouts: the post reset every env at the start of every
+    rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
+    The tensors are reused: a Rollout is valid until the next `collect`.
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, seed: int, device: torch.device):
+        self.envs, self.device = envs, device
+        T, N, D = num_steps, envs.num_envs, envs.single_observation_space.shape[0]
+        zeros = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
+        self.obs, self.logprobs, self.values = zeros(T, N, D), zeros(T, N), zeros(T, N)
+        self.rewards, self.dones, self.valid = zeros(T, N), zeros(T, N), zeros(T, N)
+        self.truncated_only, self.ended_returns, self.ended_lengths = zeros(T, N), zeros(T, N), zeros(T, N)
+        self.actions = torch.zeros((T, N), dtype=torch.long, device=device)
+        obs, _ = envs.reset(seed=seed)  # the only reset: autoreset does the rest
+        self.next_obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        self.prev_done = torch.zeros(N, device=device)  # did the episode end on the previous step?
+        self.episode_return, self.episode_length = zeros(N), zeros(N)
+
+    @torch.inference_mode()
+    def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
+        T, N = self.rewards.shape
+        for t in range(T):
+            obs = self.next_obs
+            logits, value = net(obs)
+            action, logprob = sample_actions(logits, generator)
+            next_obs, reward, terminated, truncated, _ = self.envs.step(action.cpu().numpy())
+
+            self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, action, logprob, value
+            # Next-step autoreset: if the episode ended on the previous step, this step only reset
+            # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
+            self.valid[t] = 1.0 - self.prev_done
+            reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
+            terminated = torch.as_tensor(terminated, device=self.device)
+            truncated = torch.as_tensor(truncated, device=self.device)
+            done = (terminated | truncated).float()
+            self.rewards[t], self.dones[t] = reward, done
+            # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
+            self.truncated_only[t] = (truncated & ~terminated).float()
+
+            self.episode_return += reward
+            self.episode_length += self.valid[t]
+            self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
+            self.episode_return *= 1.0 - done
+            self.episode_length *= 1.0 - done
+            self.next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=self.device)
+            self.prev_done = done
+
+        last_value = net(self.next_obs)[1]
+        # In next-step mode the obs returned at an episode's last step is its true final obs, so
+        # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
+        # (The post treated the time limit as termination.)
+        next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
+        self.rewards += gamma * next_values * self.truncated_only
+
+        ended = self.dones.bool()  # [T, N]; row-major order = by end step, ties by env index
+        end_steps = (torch.arange(T, device=self.device) + 1).unsqueeze(1).expand(T, N) * N
+        return Rollout(
+            obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
+            values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
+            episode_returns=self.ended_returns[ended], episode_lengths=self.ended_lengths[ended],
+            episode_end_steps=end_steps[ended])
+
+
+# ==================================================================================================
+# Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12)
+# ==================================================================================================
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                last_value: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation along time, vectorised over envs.
+
+    rewards, values, dones: [T, N]; last_value: [N] (each env its own bootstrap: the post averaged
+    one over all envs). dones[t] = 1 iff the episode ended at step t, which cuts both the bootstrap
+    and the recursion there. Returns (advantages [T, N], returns [T, N] = advantages + values).
+    """
+    advantages = torch.zeros_like(rewards)
+    gae = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(rewards.shape[0])):
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * not_done - values[t]  # TD error, eq. (12)
+        gae = delta + gamma * lam * not_done * gae  # eq. (11), as a recursion
+        advantages[t] = gae
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+
+
+def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                           clip_eps: float) -> torch.Tensor:
+    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B].
+
+    The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0
+    at 1-eps, and those clipped samples contribute no gradient.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_eps: float | None) -> torch.Tensor:
+    """0.5 * mean(max((v - R)^2, (v_clipped - R)^2)), v_clipped = v_old + clip(v - v_old, -eps, eps).
+
+    With clip_eps None: plain 0.5 * mean((v - R)^2). Inputs [B].
+    """
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        return 0.5 * unclipped.mean()
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi) estimated as mean((r - 1) - log r): unbiased and never negative."""
+    log_ratio = logp - old_logp
+    return (torch.exp(log_ratio) - 1 - log_ratio).mean()
+
+
+# ==================================================================================================
+# Schedules
+# ==================================================================================================
+
+
+def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
+    """The post's annealing: explore early, exploit late."""
+    return max(floor, initial * (1 - iteration / num_iterations))
+
+
+def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
+    """Linear decay from lr towards 0 when annealing, else constant."""
+    return lr * (1 - iteration / num_iterations) if anneal else lr
+
+
+# ==================================================================================================
+# Update
+# ==================================================================================================
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target): 1 = perfect critic, <= 0 = no better than a constant."""
+    var_target = target.var()
+    return float("nan") if var_target == 0 else float(1 - (target - predicted).var() / var_target)
+
+
+def update_policy(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Rollout,
+                  advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
+                  minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
+                  entropy_coef: float, value_coef: float, max_grad_norm: float | None = None,
+                  target_kl: float | None = None, generator: torch.Generator | None = None) -> dict:
+    """K epochs of shuffled minibatch SGD on the valid steps of one rollout (paper, section 5).
+
+    advantages, returns: [T, N] from compute_gae. value_clip_eps None = no value clip.
+    target_kl: once a minibatch's approx KL (before its step) exceeds it, that step is skipped and
+    the rest of this update ends. Returns the means over the minibatches run of the losses,
+    entropy, approx KL and clip fraction; the explained variance of V_old; epochs completed and
+    minibatches run.
+    """
+    valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
+    b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
+    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
+        x.flatten()[valid_idx] for x in
+        (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
+    b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+
+    batch_size = len(valid_idx)
+    # Near-equal minibatches of about minibatch_size that cover every sample (no ragged tail).
+    num_minibatches = max(1, round(batch_size / minibatch_size))
+    totals = {name: torch.zeros((), device=b_obs.device)
+              for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")}
+    minibatches = epochs = 0
+    kl_stop = False
+    for _ in range(update_epochs):
+        permutation = torch.randperm(batch_size, device=b_obs.device, generator=generator)
+        for mb_inds in torch.tensor_split(permutation, num_minibatches):
+            logits, values = net(b_obs[mb_inds])
+            logp = log_prob_of(logits, b_actions[mb_inds])
+            kl = approx_kl(logp, b_logprobs[mb_inds])
+            if target_kl is not None and kl.item() > target_kl:
+                kl_stop = True  # this step would push the policy too far from pi_old: skip it
+                break
+            policy_loss = clipped_surrogate_loss(logp, b_logprobs[mb_inds], b_advantages[mb_inds], clip_eps)
+            value_loss = clipped_value_loss(values, b_values[mb_inds], b_returns[mb_inds], value_clip_eps)
+            entropy = entropy_of(logits).mean()
+            loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+            optimizer.step()
+
+            with torch.no_grad():
+                clip_fraction = ((torch.exp(logp - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
+                for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                                    ("entropy", entropy), ("approx_kl", kl), ("clip_fraction", clip_fraction)):
+                    totals[name] += value
+            minibatches += 1
+        if kl_stop:
+            break  # ends the rest of *this* update; the next rollout updates again
+        epochs += 1
+    stats = {name: total.item() / max(minibatches, 1) for name, total in totals.items()}
+    stats.update(explained_variance=explained_variance(b_values, b_returns),
+                 epochs=epochs, minibatches=minibatches)
+    return stats
+
+
+# ==================================================================================================
+# Tracking and checkpoints
+# ==================================================================================================
+
+
+class ReturnTracker:
+    """Streams true episode returns: their EMA, the last-100 mean, the success rate, and "solved".
+
+    "Solved" is the first episode at which the mean of the last `window` returns reaches the
+    target (CartPole-v1: 475 over 100 episodes; the post counted >= 200, CartPole-v0's bar).
+    """
+
+    def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
+        self.ema_alpha, self.target_return = ema_alpha, target_return
+        self.ema: float | None = None  # starts at the first return, not at 0 as the post's did
+        self.recent: deque[float] = deque(maxlen=window)
+        self.solved_at_step: int | None = None
+
+    def add(self, episode_return: float, env_step: int) -> None:
+        r = float(episode_return)
+        self.ema = r if self.ema is None else self.ema_alpha * r + (1 - self.ema_alpha) * self.ema
+        self.recent.append(r)
+        if self.solved_at_step is None and len(self.recent) == self.recent.maxlen \
+                and self.mean_recent >= self.target_return:
+            self.solved_at_step = env_step
+
+    @property
+    def mean_recent(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+    @property
+    def success_rate(self) -> float:
+        """Share of the recent episodes at or above the target."""
+        return sum(r >= self.target_return for r in self.recent) / len(self.recent) if self.recent else float("nan")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, or not one of this script's."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file) on a temp file in path's folder, then os.replace it onto path.
+
+    A crash or Ctrl-C mid-write never leaves a partial file at path; the temp file is removed.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, net: ActorCritic, config: dict) -> None:
+    """Write {state_dict, model sizes, config} atomically; config holds only str/int/float/bool/None."""
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "model": {"obs_dim": net.obs_dim, "act_dim": net.act_dim, "hidden": net.hidden},
+        "config": config,
+    }
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ActorCritic, dict]:
+    """Checkpoint -> (net in eval mode, config dict). weights_only=True: loading runs no pickled code."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not (isinstance(checkpoint, dict) and {"state_dict", "model", "config"} <= checkpoint.keys()):
+        raise CheckpointError(f"{path}: not a checkpoint of ppo_cartpole.py (keys missing)")
+    try:
+        net = ActorCritic(**checkpoint["model"])
+        net.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from None
+    return net.to(device).eval(), checkpoint["config"]
+
+
+# ==================================================================================================
+# Plot
+# ==================================================================================================
+
+
+def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path) -> None:
+    """A PNG dashboard: returns (with EMA, last-100 mean, target, success rate), losses, diagnostics.
+
+    episodes: rows of episodes.csv; metrics: rows of metrics.csv. Uses matplotlib's Figure
+    directly (no pyplot), so it needs no display and leaves no global figure state behind.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 10), layout="constrained")
+    ax_ret, ax_loss, ax_diag = fig.subplots(3, 1, sharex=True)
+    col = lambda rows, key: np.array([float(row[key]) for row in rows])  # noqa: E731
+
+    if episodes:
+        steps = col(episodes, "env_step")
+        ax_ret.plot(steps, col(episodes, "return"), ".", ms=2, alpha=0.3, color="tab:blue", label="episode return")
+        ax_ret.plot(steps, col(episodes, "ema_return"), color="tab:orange", label="EMA")
+        ax_ret.plot(steps, col(episodes, "mean100_return"), color="tab:red", label="mean of last 100")
+        ax_success = ax_ret.twinx()
+        ax_success.plot(steps, col(episodes, "success_rate"), color="tab:green", alpha=0.7,
+                        label="success rate (last 100)")
+        ax_success.set_ylim(0, 1.05)
+        ax_success.set_ylabel("success rate")
+        ax_success.legend(loc="lower right")
+    ax_ret.axhline(target_return, color="black", ls="--", lw=1, label=f"target {target_return:g}")
+    ax_ret.set_ylabel("return")
+    ax_ret.set_title("PPO training")
+    ax_ret.legend(loc="upper left")
+
+    if metrics:
+        steps = col(metrics, "env_steps")
+        ax_loss.plot(steps, col(metrics, "policy_loss"), color="tab:blue", label="policy loss")
+        ax_value = ax_loss.twinx()
+        ax_value.plot(steps, col(metrics, "value_loss"), color="tab:red", label="value loss")
+        ax_value.set_yscale("log")
+        ax_value.set_ylabel("value loss")
+        ax_value.legend(loc="upper right")
+        for key, color in (("entropy", "tab:purple"), ("approx_kl", "tab:orange"),
+                           ("clip_fraction", "tab:green"), ("explained_variance", "tab:gray")):
+            ax_diag.plot(steps, col(metrics, key), color=color, label=key.replace("_", " "))
+    ax_loss.set_ylabel("policy loss")
+    ax_loss.legend(loc="upper left")
+    ax_diag.set_ylabel("diagnostics")
+    ax_diag.set_xlabel("env steps")
+    ax_diag.legend(loc="upper right")
+    for ax in (ax_ret, ax_loss, ax_diag):
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=90)
+
+
+# ==================================================================================================
+# GIF
+# ==================================================================================================
+
+
+def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int = 2,
+               scale: float = 0.5, max_steps: int = 500) -> int:
+    """One greedy episode rendered to an animated GIF with Pillow; returns the episode's return.
+
+    Every `frame_skip`-th frame, downscaled by `scale`, keeps the file small and quick to write.
+    """
+    from PIL import Image
+
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders offscreen, no display needed
+    device = next(net.parameters()).device
+    env = gym.make(env_id, render_mode="rgb_array")
+    obs, _ = env.reset(seed=seed)
+    frames, total = [], 0.0
+    try:
+        for step in range(max_steps):
+            if step % frame_skip == 0:
+                frames.append(env.render())
+            with torch.inference_mode():
+                logits, _ = net(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax(-1)))  # greedy
+            total += float(reward)
+            if terminated or truncated:
+                break
+        frames.append(env.render())
+    finally:
+        env.close()
+    height, width = frames[0].shape[:2]
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    images = [Image.fromarray(frame).resize(size, Image.BILINEAR) for frame in frames]
+    frame_ms = round(1000 * frame_skip / env.metadata.get("render_fps", 50))
+    atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True,
+                                                append_images=images[1:], duration=frame_ms, loop=0))
+    return int(total)
+
+
+# ==================================================================================================
+# Evaluation
+# ==================================================================================================
+
+
+def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
+    """Greedy (argmax) returns of `episodes` episodes, one per env of a vector env, run together.
+
+    Returns [episodes] float64. Pass seeds apart from training's. The envs' next-step autoreset
+    starts a second episode in an env that finished early; `finished` masks it out.
+    """
+    device = next(net.parameters()).device
+    envs = gym.make_vec(env_id, num_envs=episodes)  # the env's native vector env when it has one
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(episodes)
+    finished = np.zeros(episodes, dtype=bool)
+    try:
+        while not finished.all():
+            with torch.inference_mode():
+                logits, _ = net(torch.as_tensor(obs, dtype=torch.float32, device=device))
+            obs, reward, terminated, truncated, _ = envs.step(logits.argmax(-1).cpu().numpy())
+            returns += np.where(finished, 0.0, reward)
+            finished |= terminated | truncated
+    finally:
+        envs.close()
+    return returns
+
+
+# ==================================================================================================
+# Train
+# ==================================================================================================
+
+EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
+CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
+METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
+                 "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
+                 "explained_variance", "epochs", "minibatches", "episodes", "last_return",
+                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return"]
+EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+            "numpy": np.__version__}
+
+
+def train(config: Config) -> dict:
+    """Train PPO as configured, write the run folder, return the summary (also summary.json).
+
+    Ctrl-C ends the loop early; the metrics, final.pt, the plot and the summary are still written
+    and the summary says "interrupted": true.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # network init; sampling and shuffling use `generator`
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    target = config.target_return if config.target_return is not None else gym.spec(config.env_id).reward_threshold
+    out_dir = Path(config.out_dir or f"runs/{config.env_id}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = dataclasses.asdict(config) | {"target_return": target}
+    value_clip_eps = (config.value_clip_eps or config.clip_eps) if config.clip_value else None
+    print(f"ppo_cartpole: {config.env_id} x{config.num_envs} ({config.vectorization_mode}) on {device}, "
+          f"{config.episodes} iterations of {config.buffer_size} steps -> {out_dir}", flush=True)
+
+    envs = make_envs(config.env_id, config.num_envs, config.vectorization_mode)
+    net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
+    tracker = ReturnTracker(config.ema_alpha, target)
+    best_ema, best_confirmed, confirm_seconds = -math.inf, -math.inf, 0.0
+    solved_at_seconds = solved_at_iteration = None
+    episodes, metrics, env_steps, interrupted, iteration = [], [], 0, False, 0
+
+    def consider_best(candidate_ema: float | None) -> None:
+        """Save best.pt when the EMA of returns reaches a new best and a short greedy run confirms it.
+
+        The EMA mixes returns earned by several recent policy versions, so the weights at its peak
+        need not play well themselves (the post saved them unchecked).
+        """
+        nonlocal best_ema, best_confirmed, confirm_seconds
+        if candidate_ema is not None:
+            if candidate_ema <= best_ema:
+                return
+            best_ema = candidate_ema
+        t0 = time.perf_counter()
+        score = (float(evaluate(net, config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET).mean())
+                 if config.confirm_episodes else best_ema)
+        confirm_seconds += time.perf_counter() - t0
+        if score >= best_confirmed:
+            best_confirmed = score
+            save_checkpoint(out_dir / "best.pt", net, config_dict)
+
+    with open(out_dir / "metrics.csv", "w", newline="") as metrics_file, \
+            open(out_dir / "episodes.csv", "w", newline="") as episodes_file:
+        metrics_csv = csv.DictWriter(metrics_file, METRIC_FIELDS)
+        episodes_csv = csv.DictWriter(episodes_file, EPISODE_FIELDS)
+        metrics_csv.writeheader()
+        episodes_csv.writeheader()
+        bar = tqdm(range(config.episodes), desc="PPO", unit="it", mininterval=0.5)
+        try:
+            for iteration in bar:
+                lr = lr_at(iteration, config.episodes, config.lr, config.anneal_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                entropy_coef = entropy_coef_at(iteration, config.episodes, config.entropy_coef, config.entropy_floor)
+
+                rollout = collector.collect(net, config.gamma, generator)
+                advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones,
+                                                  rollout.last_value, config.gamma, config.gae_lambda)
+                stats = update_policy(
+                    net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
+                    minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
+                    value_clip_eps=value_clip_eps, entropy_coef=entropy_coef, value_coef=config.value_coef,
+                    max_grad_norm=config.max_grad_norm, target_kl=config.target_kl, generator=generator)
+
+                seconds = time.perf_counter() - start
+                for ret, length, end in zip(rollout.episode_returns.tolist(), rollout.episode_lengths.tolist(),
+                                            rollout.episode_end_steps.tolist()):
+                    tracker.add(ret, env_steps + end)
+                    episodes.append(dict(env_step=env_steps + end, seconds=round(seconds, 3), **{"return": ret},
+                                         length=int(length), ema_return=tracker.ema,
+                                         mean100_return=tracker.mean_recent, success_rate=tracker.success_rate))
+                    episodes_csv.writerow(episodes[-1])
+                env_steps += config.buffer_size
+                if tracker.solved_at_step is not None and solved_at_seconds is None:
+                    solved_at_seconds, solved_at_iteration = seconds, iteration
+                if len(rollout.episode_returns):
+                    consider_best(tracker.ema)
+
+                row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
+                           steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
+                           **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(rollout.episode_returns),
+                           last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
+                           mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
+                           best_confirmed_return=best_confirmed)
+                metrics.append(row)
+                metrics_csv.writerow(row)
+                metrics_file.flush()
+                episodes_file.flush()
+                bar.set_postfix(steps=env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
+                                mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
+                if config.stop_when_solved and tracker.solved_at_step is not None:
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\ninterrupted: writing final.pt, metrics, plot and summary", file=sys.stderr)
+        finally:
+            bar.close()
+            envs.close()
+
+    save_checkpoint(out_dir / "final.pt", net, config_dict)
+    consider_best(None)  # the final weights are a candidate too, as a greedy run confirms them
+    best_net, _ = load_agent(out_dir / "best.pt", device)
+    eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+    if config.plot:
+        plot_training(episodes, metrics, target, out_dir / "training.png")
+    if config.gif:
+        render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
+
+    seconds = time.perf_counter() - start
+    summary = {
+        "solved_at_step": tracker.solved_at_step, "solved_at_seconds": solved_at_seconds,
+        "solved_at_iteration": solved_at_iteration, "best_ema_return": best_ema if episodes else None,
+        "best_confirmed_return": best_confirmed if math.isfinite(best_confirmed) else None,
+        "eval_return_mean": float(eval_returns.mean()), "eval_return_std": float(eval_returns.std()),
+        "eval_episodes": config.eval_episodes, "env_steps": env_steps, "iterations": len(metrics),
+        "episodes": len(episodes), "seconds": seconds, "steps_per_second": env_steps / seconds,
+        "confirm_seconds": confirm_seconds, "interrupted": interrupted, "out_dir": str(out_dir),
+        "device": str(device), "torch_threads": torch.get_num_threads(), "versions": versions(),
+        "config": config_dict,
+    }
+    atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    solved = (f"solved at step {tracker.solved_at_step} ({solved_at_seconds:.1f} s)"
+              if tracker.solved_at_step is not None else "not solved")
+    print(f"{solved}; best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} "
+          f"over {config.eval_episodes} episodes; {env_steps} steps in {seconds:.1f} s -> {out_dir}")
+    return summary
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+
+
+def run_eval(config: Config) -> None:
+    """--eval CHECKPOINT: greedy returns, mean and std, and the agent's GIF; no training."""
+    net, checkpoint_config = load_agent(config.eval, resolve_device(config.device))
+    env_id = checkpoint_config.get("env_id") if isinstance(checkpoint_config, dict) else None
+    try:
+        env = gym.make(env_id)
+        fits = env.observation_space.shape == (net.obs_dim,) and getattr(env.action_space, "n", None) == net.act_dim
+        env.close()
+    except Exception:
+        fits = False
+    if not fits:
+        raise CheckpointError(f"{config.eval}: its env {env_id!r} cannot be made or does not fit its network")
+    returns = evaluate(net, env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+    print(f"{config.eval}: {env_id}, greedy return over {config.eval_episodes} episodes: "
+          f"mean {returns.mean():.1f}, std {returns.std():.1f}, min {returns.min():.0f}, max {returns.max():.0f}")
+    if config.gif:
+        out_dir = Path(config.out_dir) if config.out_dir else Path(config.eval).parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gif_path = out_dir / f"eval_{Path(config.eval).stem}.gif"
+        render_gif(net, env_id, gif_path, seed=config.seed + EVAL_SEED_OFFSET)
+        print(f"wrote {gif_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a user error (bad flag, bad checkpoint), 130 interrupted."""
+    config = parse_args(argv)
+    try:
+        if config.eval is not None:
+            run_eval(config)
+            return 0
+        return 130 if train(config)["interrupted"] else 0
+    except CheckpointError as exc:
+        print(f"error: argument --eval: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

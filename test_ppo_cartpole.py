@@ -1,0 +1,675 @@
+"""Tests for ppo_cartpole.py: one block per section of the script, in the same order.
+
+Each test checks a function against an independent computation: a plain loop, a hand-worked
+number, torch's own Categorical, gymnasium's RecordEpisodeStatistics, or a property.
+"""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ppo_cartpole as ppo
+
+MODES = ["sync", "vector_entry_point"]
+
+
+def small_net(seed=0, obs_dim=4, act_dim=2):
+    torch.manual_seed(seed)
+    return ppo.ActorCritic(obs_dim, act_dim)
+
+
+def collect(mode="sync", num_envs=4, num_steps=32, rollouts=1, gamma=0.99, seed=0, **env_kwargs):
+    """A collector on real CartPole envs; returns (collector, net, list of rollouts copied out)."""
+    envs = ppo.make_envs("CartPole-v1", num_envs, mode, **env_kwargs)
+    net = small_net(seed)
+    collector = ppo.Collector(envs, num_steps, seed, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    copies = []
+    for _ in range(rollouts):
+        r = collector.collect(net, gamma, generator)
+        copies.append(ppo.Rollout(**{k: v.clone() for k, v in vars(r).items()}))
+    envs.close()
+    return collector, net, copies
+
+
+# ==================================================================================================
+# Config
+# ==================================================================================================
+
+
+def test_defaults_are_the_posts_where_not_measured_otherwise():
+    c = ppo.parse_args([])
+    assert (c.env_id, c.episodes, c.num_envs, c.buffer_size, c.minibatch_size, c.update_epochs) == \
+        ("CartPole-v1", 2000, 8, 2048, 64, 4)
+    assert (c.clip_eps, c.gamma, c.gae_lambda, c.entropy_coef, c.entropy_floor, c.value_coef, c.ema_alpha) == \
+        (0.2, 0.99, 0.95, 0.02, 0.001, 0.5, 0.1)
+    assert c.clip_value and c.target_kl is None and not c.stop_when_solved
+    assert c.target_return == 475.0  # CartPole-v1's reward_threshold, not the post's 200
+
+
+def test_iterations_is_an_alias_of_episodes():
+    assert ppo.parse_args(["--iterations", "7"]).episodes == 7
+
+
+def test_help_shows_each_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--buffer-size", "--lr", "--clip-eps", "--target-kl", "--device", "--eval-episodes"):
+        assert flag in out
+    assert out.count("(default:") >= 30
+
+
+BAD_ARGS = [
+    (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--episodes", "0"], "--episodes"), (["--iterations", "-3"], "--episodes"),
+    (["--num-envs", "0"], "--num-envs"), (["--update-epochs", "0"], "--update-epochs"),
+    (["--minibatch-size", "0"], "--minibatch-size"), (["--minibatch-size", "4096"], "--minibatch-size"),
+    (["--buffer-size", "2050"], "--buffer-size"), (["--buffer-size", "0"], "--buffer-size"),
+    (["--clip-eps", "0"], "--clip-eps"), (["--clip-eps", "1"], "--clip-eps"),
+    (["--gamma", "1.01"], "--gamma"), (["--gamma", "-0.1"], "--gamma"), (["--gae-lambda", "2"], "--gae-lambda"),
+    (["--entropy-coef", "-0.1"], "--entropy-coef"), (["--entropy-floor", "-1"], "--entropy-floor"),
+    (["--value-coef", "-0.5"], "--value-coef"), (["--value-clip-eps", "0"], "--value-clip-eps"),
+    (["--target-kl", "0"], "--target-kl"), (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--ema-alpha", "0"], "--ema-alpha"), (["--eval-episodes", "0"], "--eval-episodes"),
+    (["--threads", "0"], "--threads"), (["--lr", "fast"], "--lr"), (["--device", "tpu"], "--device"),
+    (["--env-id", "NoSuchEnv-v0"], "--env-id"),
+    (["--env-id", "Pendulum-v1", "--target-return", "0"], "--env-id"),  # continuous actions
+    (["--env-id", "Blackjack-v1", "--target-return", "0"], "--env-id"),  # tuple observation
+    (["--env-id", "FrozenLake-v1"], "--env-id"),  # discrete observation
+    (["--env-id", "Acrobot-v1", "--vectorization-mode", "vector_entry_point"], "--vectorization-mode"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_input_is_one_error_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and flag in error_lines[0]
+    assert "Traceback" not in err
+
+
+def test_env_without_reward_threshold_needs_target_return(capsys):
+    gym.register("NoThresholdCartPole-v0", entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
+                 max_episode_steps=50)
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--env-id", "NoThresholdCartPole-v0"])
+    assert "--target-return" in capsys.readouterr().err
+    assert ppo.parse_args(["--env-id", "NoThresholdCartPole-v0", "--target-return", "40"]).target_return == 40
+
+
+def test_cuda_requested_without_cuda_is_a_clean_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device" in capsys.readouterr().err
+    assert ppo.resolve_device("auto") == torch.device("cpu")
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    with pytest.raises(SystemExit):
+        ppo.main(["--clip-eps", "1.5", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_shell_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "ppo_cartpole.py", "--minibatch-size", "99999"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert proc.returncode == 2
+    assert "error: argument --minibatch-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ==================================================================================================
+# Environments
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_envs_autoreset_on_the_next_step_in_both_modes(mode):
+    """What the collector relies on: the step after an episode ends is a reset with reward 0."""
+    envs = ppo.make_envs("CartPole-v1", 2, mode, max_episode_steps=3)
+    envs.reset(seed=0)
+    flags = [envs.step(np.array([0, 1]))[1:4] for _ in range(5)]
+    envs.close()
+    rewards = [r.tolist() for r, _, _ in flags]
+    assert rewards == [[1, 1], [1, 1], [1, 1], [0, 0], [1, 1]]
+    assert flags[2][2].all() and not flags[3][2].any()
+
+
+# ==================================================================================================
+# Model
+# ==================================================================================================
+
+
+def test_actor_critic_shapes_and_near_uniform_first_policy():
+    net = small_net()
+    logits, value = net(torch.randn(5, 4))
+    assert logits.shape == (5, 2) and value.shape == (5,)
+    probs = torch.softmax(logits, -1)
+    assert torch.allclose(probs, torch.full_like(probs, 0.5), atol=0.02)  # policy head gain 0.01
+    assert all(isinstance(x, int) for x in (net.obs_dim, net.act_dim, net.hidden))
+
+
+def test_sample_actions_follows_softmax_and_matches_categoricals_log_prob():
+    logits = torch.tensor([[0.5, -1.0, 2.0]]).expand(200_000, 3)
+    actions, logp = ppo.sample_actions(logits, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(actions, minlength=3).float() / len(actions)
+    assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.005)
+    reference = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(logp, reference.log_prob(actions), atol=1e-6)
+    assert torch.allclose(ppo.entropy_of(logits), reference.entropy(), atol=1e-6)
+
+
+# ==================================================================================================
+# Rollout
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rollout_is_stored_time_by_env(mode):
+    _, _, [r] = collect(mode, num_envs=3, num_steps=10)
+    assert r.obs.shape == (10, 3, 4) and r.last_value.shape == (3,)
+    for x in (r.actions, r.logprobs, r.rewards, r.values, r.dones, r.valid):
+        assert x.shape == (10, 3)
+
+
+def test_env_state_persists_across_rollouts_so_episodes_outlive_t():
+    collector, net, rollouts = collect(num_envs=4, num_steps=8, rollouts=12)
+    lengths = torch.cat([r.episode_lengths for r in rollouts])
+    assert lengths.max() > 8  # the post reset every rollout: no episode could outlive T
+    for before, after in zip(rollouts, rollouts[1:]):
+        # the next rollout starts where the last one stopped: same obs, same prev-done mask
+        assert not torch.equal(after.obs[0], torch.zeros_like(after.obs[0]))
+        assert torch.equal(after.valid[0], 1 - before.dones[-1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autoreset_steps_are_masked_and_nothing_else(mode):
+    _, _, rollouts = collect(mode, num_envs=4, num_steps=64, rollouts=2)
+    first, second = rollouts
+    for r, prev_done in ((first, torch.zeros(4)), (second, first.dones[-1])):
+        ended_before = torch.cat([prev_done.unsqueeze(0), r.dones[:-1]])  # [T, N]
+        assert torch.equal(r.valid, 1 - ended_before)
+        assert (r.rewards[r.valid == 0] == 0).all()  # reset steps: reward 0, no bootstrap
+        assert r.dones.sum() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncation_bootstraps_from_the_value_of_the_final_observation(mode):
+    gamma = 0.9
+    _, net, [r] = collect(mode, num_envs=3, num_steps=12, gamma=gamma, max_episode_steps=5)
+    # A random policy cannot topple the pole in 5 steps: every episode end here is a truncation.
+    assert r.dones.sum() >= 6
+    with torch.no_grad():
+        values_of_next_obs = net(r.obs[1:].reshape(-1, 4))[1].reshape(11, 3)  # [T-1, N], computed afresh
+    next_values = torch.cat([values_of_next_obs, r.last_value.unsqueeze(0)])  # obs[t+1] is step t's final obs
+    expected = torch.where(r.dones.bool(), 1 + gamma * next_values, r.valid)
+    assert torch.allclose(r.rewards, expected, atol=1e-5)
+
+
+def test_termination_gets_no_bootstrap():
+    _, _, [r] = collect(num_envs=4, num_steps=128)
+    # With a random policy every CartPole episode ends by falling (terminated), well before 500.
+    assert r.dones.sum() > 4
+    assert (r.rewards[r.dones.bool()] == 1.0).all()
+
+
+class ScriptedEnvs:
+    """A vector env that replays scripted (terminated, truncated) flags, next-step autoreset style."""
+
+    def __init__(self, flags):
+        self.flags, self.t, self.num_envs = flags, 0, len(flags[0][0])
+        self.single_observation_space = gym.spaces.Box(-1, 1, (4,), np.float32)
+
+    def reset(self, seed=None):
+        return np.full((self.num_envs, 4), 0.01 * self.t, np.float32), {}
+
+    def step(self, actions):
+        terminated, truncated = (np.array(f) for f in self.flags[self.t])
+        self.t += 1
+        obs = np.full((self.num_envs, 4), 0.01 * self.t, np.float32)
+        return obs, np.ones(self.num_envs, np.float32), terminated, truncated, {}
+
+
+def test_truncated_and_terminated_on_the_same_step_is_a_termination():
+    # env 0: truncated only; env 1: both flags (CartPole at step 500 when the pole also falls)
+    flags = [([False, False], [False, False]), ([False, True], [True, True]), ([False, False], [False, False])]
+    net = small_net()
+    collector = ppo.Collector(ScriptedEnvs(flags), 3, 0, torch.device("cpu"))
+    r = collector.collect(net, gamma=0.5)
+    with torch.no_grad():
+        value_of_final_obs = net(torch.full((1, 4), 0.02))[1].item()
+    assert r.rewards[1, 0].item() == pytest.approx(1 + 0.5 * value_of_final_obs, abs=1e-6)
+    assert r.rewards[1, 1].item() == 1.0
+    assert r.valid[2].tolist() == [0.0, 0.0]
+
+
+class EpisodeSpy(gym.vector.VectorWrapper):
+    """Records gymnasium's own episode statistics, in the order the episodes end."""
+
+    def __init__(self, envs):
+        super().__init__(gym.wrappers.vector.RecordEpisodeStatistics(envs))
+        self.returns, self.lengths = [], []
+
+    def step(self, actions):
+        out = self.env.step(actions)
+        info = out[-1]
+        if "_episode" in info:
+            self.returns += info["episode"]["r"][info["_episode"]].tolist()
+            self.lengths += info["episode"]["l"][info["_episode"]].tolist()
+        return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_episode_returns_match_record_episode_statistics(mode):
+    spy = EpisodeSpy(ppo.make_envs("CartPole-v1", 4, mode))
+    collector = ppo.Collector(spy, 16, 0, torch.device("cpu"))
+    net, generator = small_net(), torch.Generator().manual_seed(0)
+    returns, lengths = [], []
+    for _ in range(10):
+        r = collector.collect(net, 0.99, generator)
+        returns += r.episode_returns.tolist()
+        lengths += r.episode_lengths.tolist()
+    assert len(returns) > 10
+    assert returns == spy.returns and lengths == spy.lengths
+
+
+# ==================================================================================================
+# Advantages: GAE
+# ==================================================================================================
+
+
+def gae_plain_loop(rewards, values, dones, last_value, gamma, lam):
+    """The textbook recursion, one env at a time, in plain Python floats."""
+    T, N = len(rewards), len(rewards[0])
+    advantages = [[0.0] * N for _ in range(T)]
+    for n in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            next_value = last_value[n] if t == T - 1 else values[t + 1][n]
+            nonterminal = 1.0 - dones[t][n]
+            delta = rewards[t][n] + gamma * next_value * nonterminal - values[t][n]
+            running = delta + gamma * lam * nonterminal * running
+            advantages[t][n] = running
+    return advantages
+
+
+def test_gae_matches_a_plain_python_loop():
+    g = torch.Generator().manual_seed(3)
+    T, N = 9, 4
+    rewards, values = torch.rand(T, N, generator=g), torch.randn(T, N, generator=g)
+    dones = (torch.rand(T, N, generator=g) < 0.25).float()
+    last_value = torch.randn(N, generator=g)
+    advantages, returns = ppo.compute_gae(rewards, values, dones, last_value, 0.97, 0.9)
+    expected = gae_plain_loop(rewards.tolist(), values.tolist(), dones.tolist(), last_value.tolist(), 0.97, 0.9)
+    assert torch.allclose(advantages, torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(returns, advantages + values)
+
+
+def test_gae_hand_worked_across_an_episode_end():
+    # gamma 0.9, lambda 0.8; the episode ends at t=1.
+    #   t=2: delta = 1 + 0.9*0.2 - 0.3 = 0.88                 A = 0.88
+    #   t=1: delta = 1 - 0.4 = 0.6 (no bootstrap)            A = 0.6
+    #   t=0: delta = 1 + 0.9*0.4 - 0.5 = 0.86                 A = 0.86 + 0.9*0.8*0.6 = 1.292
+    advantages, returns = ppo.compute_gae(torch.ones(3, 1), torch.tensor([[0.5], [0.4], [0.3]]),
+                                          torch.tensor([[0.0], [1.0], [0.0]]), torch.tensor([0.2]), 0.9, 0.8)
+    assert advantages.squeeze(1).tolist() == pytest.approx([1.292, 0.6, 0.88])
+    assert returns.squeeze(1).tolist() == pytest.approx([1.792, 1.0, 1.18])
+
+
+def test_gae_does_not_leak_across_episode_end():
+    values, dones = torch.zeros(6, 1), torch.tensor([[0.0], [0.0], [1.0], [0.0], [0.0], [0.0]])
+    a1, _ = ppo.compute_gae(torch.ones(6, 1), values, dones, torch.zeros(1), 0.99, 0.95)
+    rewards = torch.ones(6, 1)
+    rewards[3:] = 100.0  # a different next episode
+    a2, _ = ppo.compute_gae(rewards, values, dones, torch.full((1,), 50.0), 0.99, 0.95)
+    assert torch.equal(a1[:3], a2[:3])
+
+
+def test_gae_lambda_extremes_are_td_error_and_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    rewards, values, last = torch.rand(5, 2, generator=g), torch.rand(5, 2, generator=g), torch.rand(2, generator=g)
+    dones = torch.zeros(5, 2)
+    td0, _ = ppo.compute_gae(rewards, values, dones, last, 0.9, 0.0)
+    next_values = torch.cat([values[1:], last.unsqueeze(0)])
+    assert torch.allclose(td0, rewards + 0.9 * next_values - values)
+    mc, _ = ppo.compute_gae(rewards, values, dones, last, 0.9, 1.0)
+    discounted = [sum(0.9 ** k * rewards[t + k] for k in range(5 - t)) + 0.9 ** (5 - t) * last for t in range(5)]
+    assert torch.allclose(mc, torch.stack(discounted) - values, atol=1e-6)
+
+
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+
+
+def ratios_as_logps(ratios):
+    old_logp = torch.log(torch.full((len(ratios),), 0.4))
+    logp = (old_logp + torch.log(torch.tensor(ratios))).requires_grad_()
+    return logp, old_logp
+
+
+def test_clipped_surrogate_hand_worked():
+    # ratio 1.5, A=+1 -> min(1.5, 1.2) = 1.2;  ratio 0.5, A=-1 -> min(-0.5, -0.8) = -0.8;
+    # ratio 1.1, A=+2 -> 2.2 (inside the clip). Loss = -(1.2 - 0.8 + 2.2) / 3.
+    logp, old_logp = ratios_as_logps([1.5, 0.5, 1.1])
+    loss = ppo.clipped_surrogate_loss(logp, old_logp, torch.tensor([1.0, -1.0, 2.0]), 0.2)
+    assert loss.item() == pytest.approx(-2.6 / 3, abs=1e-6)
+
+
+def test_clipped_entries_get_zero_gradient_unclipped_ones_do_not():
+    # ratio 1.5 with A>0 and ratio 0.5 with A<0 are clipped: no gradient. Ratio 0.5 with A>0 is
+    # the pessimistic side (the unclipped term is smaller), so it keeps its gradient r*A/B.
+    logp, old_logp = ratios_as_logps([1.5, 0.5, 0.5, 1.1])
+    advantages = torch.tensor([1.0, -1.0, 1.0, 2.0])
+    ppo.clipped_surrogate_loss(logp, old_logp, advantages, 0.2).backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.0, -0.5 / 4, -2.2 / 4], abs=1e-6)
+
+
+def test_clipped_value_loss_hand_worked():
+    # v=2, v_old=1, R=3: unclipped (2-3)^2 = 1, clipped v=1.2: 3.24 -> 3.24
+    # v=0, v_old=0.5, R=0: unclipped 0, clipped v=0.3: 0.09 -> 0.09. Loss = 0.5 * (3.33 / 2).
+    values, old, returns = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), torch.tensor([3.0, 0.0])
+    assert ppo.clipped_value_loss(values, old, returns, 0.2).item() == pytest.approx(0.8325)
+    assert ppo.clipped_value_loss(values, old, returns, None).item() == pytest.approx(0.25)
+
+
+def test_approx_kl_hand_worked_and_unbiased_for_the_true_kl():
+    assert ppo.approx_kl(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))).item() == \
+        pytest.approx(1 - math.log(2))
+    old_logits, new_logits = torch.tensor([0.3, -0.2, 1.0]), torch.tensor([0.0, 0.4, 0.6])
+    p_old, p_new = torch.softmax(old_logits, -1), torch.softmax(new_logits, -1)
+    true_kl = (p_old * (p_old.log() - p_new.log())).sum().item()
+    actions, old_logp = ppo.sample_actions(old_logits.expand(400_000, 3), torch.Generator().manual_seed(1))
+    estimate = ppo.approx_kl(ppo.log_prob_of(new_logits.expand(400_000, 3), actions), old_logp).item()
+    assert estimate == pytest.approx(true_kl, rel=0.03) and estimate >= 0
+
+
+# ==================================================================================================
+# Schedules
+# ==================================================================================================
+
+
+def test_entropy_coef_anneals_linearly_to_its_floor():
+    assert ppo.entropy_coef_at(0, 100, 0.02, 0.001) == 0.02
+    assert ppo.entropy_coef_at(50, 100, 0.02, 0.001) == pytest.approx(0.01)
+    assert ppo.entropy_coef_at(99, 100, 0.02, 0.001) == 0.001
+    schedule = [ppo.entropy_coef_at(i, 100, 0.02, 0.001) for i in range(100)]
+    assert all(a >= b for a, b in zip(schedule, schedule[1:]))
+
+
+def test_lr_anneals_only_when_asked():
+    assert ppo.lr_at(25, 100, 1e-3, anneal=True) == pytest.approx(7.5e-4)
+    assert ppo.lr_at(25, 100, 1e-3, anneal=False) == 1e-3
+
+
+# ==================================================================================================
+# Update
+# ==================================================================================================
+
+
+def update(rollout, net=None, seed=0, **kwargs):
+    net = net or small_net(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
+    advantages, returns = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones,
+                                          rollout.last_value, 0.99, 0.95)
+    settings = dict(update_epochs=4, minibatch_size=16, clip_eps=0.2, value_clip_eps=0.2,
+                    entropy_coef=0.01, value_coef=0.5, max_grad_norm=0.5) | kwargs
+    stats = ppo.update_policy(net, optimizer, rollout, advantages, returns,
+                              generator=torch.Generator().manual_seed(seed), **settings)
+    return net, stats
+
+
+def test_update_runs_k_epochs_of_minibatches_that_cover_every_valid_step():
+    _, _, [rollout] = collect(num_envs=4, num_steps=32)
+    num_valid = int(rollout.valid.sum())
+    net = small_net()
+    batch_sizes = []
+    net.register_forward_hook(lambda module, args, out: batch_sizes.append(len(args[0])))
+    _, stats = update(rollout, net=net, minibatch_size=16)
+    num_minibatches = round(num_valid / 16)
+    assert stats["epochs"] == 4 and stats["minibatches"] == 4 * num_minibatches
+    assert sum(batch_sizes) == 4 * num_valid and max(batch_sizes) - min(batch_sizes) <= 1
+
+
+def test_kl_early_stop_ends_the_update_within_an_epoch():
+    _, _, [rollout] = collect(num_envs=4, num_steps=32)
+    _, stats = update(rollout, target_kl=1e-12)
+    # Minibatch 1 sees pi == pi_old (KL 0) and steps; minibatch 2's KL is > 1e-12: the update ends.
+    assert stats["minibatches"] == 1 and stats["epochs"] == 0
+    _, stats = update(rollout, target_kl=None)
+    assert stats["minibatches"] > 4
+
+
+def test_update_ignores_the_invalid_autoreset_steps():
+    _, _, [rollout] = collect(num_envs=4, num_steps=64)
+    invalid = rollout.valid == 0
+    assert invalid.any()
+    poisoned = ppo.Rollout(**vars(rollout))
+    poisoned.rewards = rollout.rewards.masked_fill(invalid, 1e6)
+    poisoned.values = rollout.values.masked_fill(invalid, -1e6)
+    poisoned.logprobs = rollout.logprobs.masked_fill(invalid, float("nan"))
+    clean_net, _ = update(rollout)
+    poisoned_net, _ = update(poisoned)
+    for a, b in zip(clean_net.parameters(), poisoned_net.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_explained_variance_against_its_formula():
+    target, predicted = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.5, 2.0, 2.5, 4.0])
+    expected = 1 - np.var([-0.5, 0, 0.5, 0], ddof=1) / np.var([1, 2, 3, 4], ddof=1)
+    assert ppo.explained_variance(predicted, target) == pytest.approx(expected)
+    assert ppo.explained_variance(target, target) == 1.0
+
+
+# ==================================================================================================
+# Tracking and checkpoints
+# ==================================================================================================
+
+
+def test_return_tracker_matches_a_plain_computation():
+    rng = np.random.default_rng(0)
+    returns = np.concatenate([rng.uniform(0, 300, 120), np.full(150, 500.0)])
+    tracker = ppo.ReturnTracker(ema_alpha=0.1, target_return=475, window=100)
+    ema, solved_at = None, None
+    for i, r in enumerate(returns):
+        tracker.add(r, env_step=10 * i)
+        ema = r if ema is None else 0.1 * r + 0.9 * ema
+        window = returns[max(0, i - 99): i + 1]
+        if solved_at is None and len(window) == 100 and window.mean() >= 475:
+            solved_at = 10 * i
+        assert tracker.ema == pytest.approx(ema)
+        assert tracker.mean_recent == pytest.approx(window.mean())
+        assert tracker.success_rate == pytest.approx((window >= 475).mean())
+    assert tracker.solved_at_step == solved_at is not None
+
+
+def test_atomic_write_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "best.pt"
+    ppo.atomic_write(path, lambda f: f.write(b"old and whole"))
+
+    def write_half_then_fail(f):
+        f.write(b"half of a new ")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a save
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo.atomic_write(path, write_half_then_fail)
+    assert path.read_bytes() == b"old and whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    net = small_net(5)
+    config = {"env_id": "CartPole-v1", "lr": 3e-4, "target_kl": None, "clip_value": True, "seed": 1}
+    ppo.save_checkpoint(tmp_path / "a.pt", net, config)
+    loaded, loaded_config = ppo.load_agent(tmp_path / "a.pt")
+    obs = torch.randn(7, 4)
+    assert torch.equal(loaded(obs)[0], net(obs)[0]) and loaded_config == config
+    torch.load(tmp_path / "a.pt", weights_only=True)  # raises if anything but plain types got in
+
+
+def test_load_agent_rejects_missing_corrupt_and_mismatched_files(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    wrong = small_net(obs_dim=6, act_dim=3)
+    ppo.save_checkpoint(tmp_path / "wrong.pt", wrong, {"env_id": "CartPole-v1"})
+    checkpoint = torch.load(tmp_path / "wrong.pt", weights_only=True)
+    checkpoint["model"] = {"obs_dim": 4, "act_dim": 2, "hidden": 64}
+    torch.save(checkpoint, tmp_path / "mismatched.pt")
+    for name, words in (("missing.pt", "no such file"), ("corrupt.pt", "not a readable"),
+                        ("tensor.pt", "keys missing"), ("mismatched.pt", "do not fit")):
+        with pytest.raises(ppo.CheckpointError, match=words):
+            ppo.load_agent(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["missing.pt", "corrupt.pt", "other_env.pt"])
+def test_eval_of_a_bad_checkpoint_is_a_clean_error(tmp_path, capsys, name):
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    ppo.save_checkpoint(tmp_path / "other_env.pt", small_net(obs_dim=6, act_dim=3), {"env_id": "CartPole-v1"})
+    assert ppo.main(["--eval", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --eval:") and "Traceback" not in err
+
+
+# ==================================================================================================
+# Plot and GIF
+# ==================================================================================================
+
+
+def test_plot_writes_a_valid_png(tmp_path):
+    episodes = [dict(env_step=10 * i, **{"return": i}, ema_return=i, mean100_return=i, success_rate=0.0)
+                for i in range(1, 50)]
+    keys = ["env_steps", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance"]
+    metrics = [{k: (i + 1) * 0.1 for k in keys} for i in range(5)]
+    ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    with Image.open(tmp_path / "training.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
+
+
+def test_gif_is_a_small_valid_animation_of_a_greedy_episode(tmp_path):
+    net = small_net()
+    total = ppo.render_gif(net, "CartPole-v1", tmp_path / "agent.gif", seed=3)
+    with Image.open(tmp_path / "agent.gif") as image:
+        assert image.format == "GIF" and image.is_animated and image.size == (300, 200)
+        # every 2nd frame plus the last; Pillow may merge identical neighbours
+        assert 2 <= image.n_frames <= math.ceil(total / 2) + 1
+    assert (tmp_path / "agent.gif").stat().st_size < 3_000_000
+    assert 1 <= total <= 500
+
+
+# ==================================================================================================
+# Evaluation
+# ==================================================================================================
+
+
+def test_evaluate_counts_the_first_episode_of_each_env_once():
+    net = small_net()
+    with torch.no_grad():
+        net.policy_head.bias.copy_(torch.tensor([5.0, -5.0]))  # always push left: short episodes
+    returns = ppo.evaluate(net, "CartPole-v1", 6, seed=11)
+    # Independent count: the same envs stepped with action 0 until each first ends.
+    envs = gym.make_vec("CartPole-v1", num_envs=6)
+    envs.reset(seed=11)
+    lengths, alive = np.zeros(6), np.ones(6, dtype=bool)
+    while alive.any():
+        _, _, terminated, truncated, _ = envs.step(np.zeros(6, dtype=np.int64))
+        lengths += alive
+        alive &= ~(terminated | truncated)
+    assert returns.tolist() == lengths.tolist()
+    assert (returns < 20).all()
+
+
+# ==================================================================================================
+# Train and main
+# ==================================================================================================
+
+QUICK = ["--buffer-size", "256", "--num-envs", "4", "--minibatch-size", "32", "--update-epochs", "2",
+         "--eval-episodes", "2"]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_iteration_run_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "2", "--out-dir", str(out)]) == 0
+    for name in ("best.pt", "final.pt", "metrics.csv", "episodes.csv", "summary.json", "training.png", "agent.gif"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("solved_at_step", "solved_at_seconds", "best_ema_return", "eval_return_mean", "env_steps",
+                "seconds", "config", "versions", "torch_threads", "device"):
+        assert key in summary
+    assert summary["env_steps"] == 512 and summary["config"]["buffer_size"] == 256
+    assert len(read_csv(out / "metrics.csv")) == 2
+    episodes = read_csv(out / "episodes.csv")
+    assert len(episodes) == summary["episodes"] > 0
+    assert all(0 < int(e["env_step"]) <= 512 for e in episodes)
+    ppo.load_agent(out / "best.pt")
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / name)])
+        rows = read_csv(tmp_path / name / "metrics.csv")
+        runs.append([{k: v for k, v in row.items() if k not in ("seconds", "steps_per_second")} for row in rows])
+    assert runs[0] == runs[1]
+
+
+def test_stop_when_solved_stops_at_the_solve(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "50", "--target-return", "12", "--stop-when-solved",
+                             "--no-plot", "--no-gif", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None and summary["iterations"] == summary["solved_at_iteration"] + 1
+    assert summary["iterations"] < 50
+
+
+def test_ctrl_c_keeps_metrics_best_and_final_and_exits_130(tmp_path, monkeypatch):
+    real_update, calls = ppo.update_policy, []
+
+    def interrupted_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "update_policy", interrupted_update)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == 130
+    assert len(read_csv(out / "metrics.csv")) == 2
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    for name in ("best.pt", "final.pt", "training.png"):
+        assert (out / name).exists()
+
+
+def test_eval_flag_evaluates_and_writes_a_gif_without_training(tmp_path, capsys):
+    ppo.save_checkpoint(tmp_path / "best.pt", small_net(), {"env_id": "CartPole-v1"})
+    assert ppo.main(["--eval", str(tmp_path / "best.pt"), "--eval-episodes", "3"]) == 0
+    assert "mean" in capsys.readouterr().out
+    assert (tmp_path / "eval_best.gif").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_defaults_solve_cartpole_and_best_pt_plays_475(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(["--stop-when-solved", "--episodes", "400", "--no-gif", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None
+    net, _ = ppo.load_agent(out / "best.pt")
+    assert ppo.evaluate(net, "CartPole-v1", 20, seed=12345).mean() >= 475
