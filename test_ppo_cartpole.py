@@ -119,6 +119,14 @@ def test_cuda_requested_without_cuda_is_a_clean_error(monkeypatch, capsys):
     assert ppo.resolve_device("auto") == torch.device("cpu")
 
 
+def test_out_dir_that_is_a_file_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for out_dir in ("taken", "taken/run"):
+        with pytest.raises(SystemExit) as exit_info:
+            ppo.parse_args(["--out-dir", str(tmp_path / out_dir)])
+        assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+
+
 def test_bad_input_writes_nothing(tmp_path):
     with pytest.raises(SystemExit):
         ppo.main(["--clip-eps", "1.5", "--out-dir", str(tmp_path / "run")])
