@@ -771,10 +771,11 @@ def train(config: Config) -> dict:
 
     envs = make_envs(config.env_id, config.num_envs, config.vectorization_mode)
     net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    # fused: one kernel for the whole Adam step instead of ~10 small ops per parameter
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
     tracker = ReturnTracker(config.ema_alpha, target)
-    best_ema, best_confirmed, confirm_seconds = -math.inf, -math.inf, 0.0
+    best_ema, best_confirmed, confirm_seconds, collect_seconds, update_seconds = -math.inf, -math.inf, 0.0, 0.0, 0.0
     solved_at_seconds = solved_at_iteration = None
     episodes, metrics, env_steps, interrupted, iteration = [], [], 0, False, 0
 
@@ -782,13 +783,17 @@ def train(config: Config) -> dict:
         """Save best.pt when the EMA of returns reaches a new best and a short greedy run confirms it.
 
         The EMA mixes returns earned by several recent policy versions, so the weights at its peak
-        need not play well themselves (the post saved them unchecked).
+        need not play well themselves (the post saved them unchecked). A candidate's EMA must also
+        beat the saved policy's confirmed greedy score: once a policy has played the maximum,
+        no more time goes into checks. None = the final weights, always checked.
         """
         nonlocal best_ema, best_confirmed, confirm_seconds
         if candidate_ema is not None:
             if candidate_ema <= best_ema:
                 return
             best_ema = candidate_ema
+            if config.confirm_episodes and candidate_ema <= best_confirmed:
+                return
         t0 = time.perf_counter()
         score = (float(evaluate(net, config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET).mean())
                  if config.confirm_episodes else best_ema)
@@ -811,7 +816,9 @@ def train(config: Config) -> dict:
                     group["lr"] = lr
                 entropy_coef = entropy_coef_at(iteration, config.episodes, config.entropy_coef, config.entropy_floor)
 
+                t0 = time.perf_counter()
                 rollout = collector.collect(net, config.gamma, generator)
+                t1 = time.perf_counter()
                 advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones,
                                                   rollout.last_value, config.gamma, config.gae_lambda)
                 stats = update_policy(
@@ -819,6 +826,8 @@ def train(config: Config) -> dict:
                     minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
                     value_clip_eps=value_clip_eps, entropy_coef=entropy_coef, value_coef=config.value_coef,
                     max_grad_norm=config.max_grad_norm, target_kl=config.target_kl, generator=generator)
+                collect_seconds += t1 - t0
+                update_seconds += time.perf_counter() - t1
 
                 seconds = time.perf_counter() - start
                 for ret, length, end in zip(rollout.episode_returns.tolist(), rollout.episode_lengths.tolist(),
@@ -872,6 +881,8 @@ def train(config: Config) -> dict:
         "eval_return_mean": float(eval_returns.mean()), "eval_return_std": float(eval_returns.std()),
         "eval_episodes": config.eval_episodes, "env_steps": env_steps, "iterations": len(metrics),
         "episodes": len(episodes), "seconds": seconds, "steps_per_second": env_steps / seconds,
+        "collect_seconds": collect_seconds, "update_seconds": update_seconds,
+        "collect_steps_per_second": env_steps / collect_seconds if collect_seconds else None,
         "confirm_seconds": confirm_seconds, "interrupted": interrupted, "out_dir": str(out_dir),
         "device": str(device), "torch_threads": torch.get_num_threads(), "versions": versions(),
         "config": config_dict,
