@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train test test-slow clean
+.PHONY: install train test test-slow bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
 
 test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
 	$(PYTHON) -m pytest -q
+
+bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds each (~3 min)
+	$(PYTHON) -m pip install -q -r bench/requirements.txt
+	$(PYTHON) bench/solve_bench.py --seeds 5 --out bench/results
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

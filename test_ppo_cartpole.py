@@ -425,13 +425,49 @@ def test_lr_anneals_only_when_asked():
 
 
 # ==================================================================================================
+# Optimiser
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("max_norm", [0.5, None])
+def test_adam_and_clip_grad_norm_match_torch_step_for_step(max_norm):
+    nets = []
+    for ours in (True, False):
+        net = small_net(0)
+        optimizer = ppo.Adam(net.parameters(), 1e-2) if ours else torch.optim.Adam(net.parameters(), 1e-2, foreach=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(25):
+            logits, values = net(torch.randn(64, 4, generator=g))
+            optimizer.zero_grad()
+            (logits.pow(2).mean() + (values - 3).pow(2).mean()).backward()
+            if max_norm is not None:
+                params = list(net.parameters())
+                norm = ppo.clip_grad_norm(params, max_norm) if ours else torch.nn.utils.clip_grad_norm_(params, max_norm)
+                assert norm > max_norm  # the clip is really exercised
+            optimizer.step()
+        nets.append(net)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_adam_lr_can_be_scheduled_between_steps():
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = ppo.Adam([param], lr=0.1)
+    for lr in (0.1, 0.0):
+        optimizer.lr = lr
+        param.grad = torch.ones(1)
+        optimizer.step()
+    assert param.item() == pytest.approx(-0.1, abs=1e-6)  # the first Adam step is lr * sign(g)
+
+
+# ==================================================================================================
 # Update
 # ==================================================================================================
 
 
 def update(rollout, net=None, seed=0, **kwargs):
     net = net or small_net(seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
+    optimizer = ppo.Adam(net.parameters(), lr=3e-4)
     advantages, returns = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones,
                                           rollout.last_value, 0.99, 0.95)
     settings = dict(update_epochs=4, minibatch_size=16, clip_eps=0.2, value_clip_eps=0.2,
