@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train test test-slow bench clean
+.PHONY: install train train-post test test-slow bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): requirements.txt
 
 train: $(STAMP)  ## a full run that stops once solved, with plot and GIF
 	$(PYTHON) ppo_cartpole.py --stop-when-solved --out-dir runs/train
+
+train-post: $(STAMP)  ## the blog post's hyper-parameters (its defects fixed), until solved
+	$(PYTHON) ppo_cartpole.py --vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 \
+		--update-epochs 4 --lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --entropy-coef 0.02 \
+		--entropy-floor 0.001 --clip-value --max-grad-norm 0 --stop-when-solved --out-dir runs/train-post
 
 test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q

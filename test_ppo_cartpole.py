@@ -46,14 +46,25 @@ def collect(mode="sync", num_envs=4, num_steps=32, rollouts=1, gamma=0.99, seed=
 # ==================================================================================================
 
 
-def test_defaults_are_the_posts_where_not_measured_otherwise():
+def test_defaults_are_the_measured_ones():
     c = ppo.parse_args([])
-    assert (c.env_id, c.episodes, c.num_envs, c.buffer_size, c.minibatch_size, c.update_epochs) == \
-        ("CartPole-v1", 2000, 8, 2048, 64, 4)
-    assert (c.clip_eps, c.gamma, c.gae_lambda, c.entropy_coef, c.entropy_floor, c.value_coef, c.ema_alpha) == \
-        (0.2, 0.99, 0.95, 0.02, 0.001, 0.5, 0.1)
-    assert c.clip_value and c.target_kl is None and not c.stop_when_solved
+    assert (c.env_id, c.vectorization_mode, c.episodes, c.num_envs, c.buffer_size, c.minibatch_size,
+            c.update_epochs) == ("CartPole-v1", "auto", 2000, 32, 1024, 256, 4)
+    assert (c.clip_eps, c.lr, c.gamma, c.gae_lambda, c.entropy_coef, c.value_coef, c.ema_alpha) == \
+        (0.2, 3e-3, 0.98, 0.8, 0.0, 0.5, 0.1)
+    assert c.anneal_lr and not c.clip_value and c.target_kl is None and not c.stop_when_solved
     assert c.target_return == 475.0  # CartPole-v1's reward_threshold, not the post's 200
+
+
+def test_posts_settings_are_one_command_away_and_make_train_post_uses_them():
+    c = ppo.parse_args(ppo.POST_SETTINGS.split())
+    assert (c.vectorization_mode, c.num_envs, c.buffer_size, c.minibatch_size, c.update_epochs, c.lr) == \
+        ("sync", 8, 2048, 64, 4, 1e-4)
+    assert (c.gamma, c.gae_lambda, c.entropy_coef, c.entropy_floor, c.value_coef, c.clip_eps) == \
+        (0.99, 0.95, 0.02, 0.001, 0.5, 0.2)
+    assert c.clip_value and c.value_clip_eps is None and not c.anneal_lr and c.max_grad_norm is None
+    makefile = (Path(__file__).parent / "Makefile").read_text().replace("\\\n", " ")  # join continued lines
+    assert f"ppo_cartpole.py {ppo.POST_SETTINGS}" in " ".join(makefile.split())
 
 
 def test_iterations_is_an_alias_of_episodes():
@@ -68,6 +79,7 @@ def test_help_shows_each_default(capsys):
     for flag in ("--buffer-size", "--lr", "--clip-eps", "--target-kl", "--device", "--eval-episodes"):
         assert flag in out
     assert out.count("(default:") >= 30
+    assert ppo.POST_SETTINGS in " ".join(out.split())
 
 
 BAD_ARGS = [
