@@ -101,11 +101,12 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
         for ax, column, label in ((axes[0], 0, "env steps"), (axes[1], 1, "seconds in process")):
             curves = [(np.array([e[column] for e in r["episodes"]]),
                        rolling_mean_100(np.array([e[2] for e in r["episodes"]]))) for r in runs if r["episodes"]]
-            grid = np.linspace(0, max(x[-1] for x, _ in curves), 300)
-            # a run that stopped at its solve holds its last value
-            ys = np.array([np.interp(grid, x, y, left=np.nan) for x, y in curves])
-            ax.plot(grid, np.nanmean(ys, axis=0), color=color, label=f"{name} (mean of {len(curves)} seeds)")
-            ax.fill_between(grid, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=color, alpha=0.2)
+            # from the point where every run has a first episode; a run that stopped at its solve
+            # holds its last value
+            grid = np.linspace(max(x[0] for x, _ in curves), max(x[-1] for x, _ in curves), 300)
+            ys = np.array([np.interp(grid, x, y) for x, y in curves])
+            ax.plot(grid, ys.mean(axis=0), color=color, label=f"{name} (mean of {len(curves)} seeds)")
+            ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2)
             ax.set_xlabel(label)
     for ax in axes:
         ax.axhline(475, color="black", ls="--", lw=1, label="solved: 475")
