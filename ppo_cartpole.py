@@ -47,6 +47,7 @@ class Config:
     """Every setting of a run. Field names are the flags' names (`--num-envs` -> `num_envs`)."""
 
     env_id: str = "CartPole-v1"  # any gymnasium env with Discrete actions and a flat Box observation
+    env_backend: str = "auto"  # gymnasium | torch (TorchCartPole) | auto: torch on CUDA for CartPole-v1
     vectorization_mode: str = "auto"  # auto = the env's native vector env if any; sync = SyncVectorEnv (post)
     episodes: int = 2000  # rollout+update iterations (the post calls one an "episode")
     num_envs: int = 32  # N parallel envs (post: 8)
@@ -78,6 +79,11 @@ class Config:
     eval: str | None = None  # evaluate this checkpoint instead of training
     eval_episodes: int = 10
 
+
+# With TorchCartPole on a GPU, thousands of envs cost little more than eight, and the post's
+# 64-sample minibatches would take thousands of optimizer steps per rollout. These settings apply
+# to the flags the user did not give whenever the torch backend is in use (README, "torch backend").
+TORCH_PRESET = {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 4096, "update_epochs": 4, "lr": 3e-3}
 
 # The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
 # (with its defects fixed). README, "Flags", says what each of our defaults gained.
@@ -120,19 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env-id", default=d.env_id, help="gymnasium env id")
+    p.add_argument("--env-backend", default=d.env_backend, choices=["auto", "gymnasium", "torch"],
+                   help="torch = TorchCartPole, CartPole-v1 stepped in torch on --device; "
+                        "auto = torch on CUDA for CartPole-v1, else gymnasium")
     p.add_argument("--vectorization-mode", default=d.vectorization_mode,
                    choices=["auto", "sync", "vector_entry_point"],
                    help="vector_entry_point = the env's native vector env (CartPole has one); "
                         "sync = SyncVectorEnv (the post); auto = the first if the env has one")
     p.add_argument("--episodes", "--iterations", type=int, default=d.episodes,
                    help="rollout+update iterations (the post's 'episodes')")
-    p.add_argument("--num-envs", type=int, default=d.num_envs, help="parallel envs N")
+    t = TORCH_PRESET
+    p.add_argument("--num-envs", type=int, default=d.num_envs,
+                   help=f"parallel envs N; torch backend: {t['num_envs']}")
     p.add_argument("--buffer-size", type=int, default=d.buffer_size,
-                   help="transitions per rollout over all envs (T = buffer-size / num-envs)")
-    p.add_argument("--minibatch-size", type=int, default=d.minibatch_size)
-    p.add_argument("--update-epochs", type=int, default=d.update_epochs, help="K epochs per update")
+                   help=f"transitions per rollout over all envs (T = buffer-size / num-envs); "
+                        f"torch backend: {t['buffer_size']}")
+    p.add_argument("--minibatch-size", type=int, default=d.minibatch_size,
+                   help=f"torch backend: {t['minibatch_size']}")
+    p.add_argument("--update-epochs", type=int, default=d.update_epochs,
+                   help=f"K epochs per update; torch backend: {t['update_epochs']}")
     p.add_argument("--clip-eps", type=float, default=d.clip_eps, help="epsilon of L^CLIP")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (post: 1e-4)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (post: 1e-4); torch backend: {t['lr']}")
     p.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=d.anneal_lr,
                    help="linear lr decay to 0")
     p.add_argument("--gamma", type=float, default=d.gamma, help="discount")
@@ -169,10 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_backend(name: str, env_id: str, device: torch.device) -> str:
+    """"auto" -> "torch" on CUDA for CartPole-v1 (where the env on the device pays), else "gymnasium"."""
+    if name == "auto":
+        return "torch" if device.type == "cuda" and env_id == "CartPole-v1" else "gymnasium"
+    return name
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a validated Config. A bad value exits with status 2 and one `error:` line."""
+    """argv -> a validated Config. A bad value exits with status 2 and one `error:` line.
+
+    With the torch backend, TORCH_PRESET fills the flags the user did not give.
+    """
     parser = build_parser()
-    config = Config(**vars(parser.parse_args(argv)))
+    unset = object()  # argparse leaves alone what the namespace already has: this marks "not given"
+    namespace = argparse.Namespace(**{field.name: unset for field in dataclasses.fields(Config)})
+    given = {k: v for k, v in vars(parser.parse_args(argv, namespace=namespace)).items() if v is not unset}
+    if given.get("device") == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: must be auto or cpu: CUDA is not available on this machine")
+    backend = resolve_backend(given.get("env_backend", "auto"), given.get("env_id", Config.env_id),
+                              resolve_device(given.get("device", "auto")))
+    config = Config(**((TORCH_PRESET if backend == "torch" else {}) | given | {"env_backend": backend}))
+    if backend == "torch":
+        _check(parser, config.env_id == "CartPole-v1", "--env-backend",
+               f"gymnasium or auto for {config.env_id}: the torch backend is CartPole-v1 only")
+        _check(parser, given.get("vectorization_mode", "auto") == "auto", "--vectorization-mode",
+               "left out with --env-backend torch, which steps its own vectorised CartPole")
     c, chk = config, lambda ok, flag, allowed: _check(parser, ok, flag, allowed)
     chk(c.episodes > 0, "--episodes", "a positive integer")
     chk(c.num_envs > 0, "--num-envs", "a positive integer")
@@ -197,8 +233,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     chk(c.confirm_episodes >= 0, "--confirm-episodes", "non-negative (>= 0)")
     chk(c.threads > 0, "--threads", "a positive integer")
     chk(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
-    chk(c.device != "cuda" or torch.cuda.is_available(), "--device",
-        "auto or cpu: CUDA is not available on this machine")
     out_dir = Path(c.out_dir or "runs")
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." always exists
     chk(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
@@ -233,6 +267,109 @@ def make_envs(env_id: str, num_envs: int, vectorization_mode: str = "auto", **en
     """
     mode = None if vectorization_mode == "auto" else vectorization_mode  # None: gymnasium picks as "auto"
     return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs)
+
+
+class NumpyToTorch:
+    """A gymnasium vector env with torch tensors in and out: the one place where numpy meets torch.
+
+    Actions go to the host once per step and observations, rewards and flags come back; with
+    TorchCartPole no such copies exist. (gymnasium.wrappers.vector.NumpyToTorch does the same but
+    needs the array-api-compat package.)
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
+        self.envs, self.device, self.num_envs = envs, device, envs.num_envs
+        self.single_observation_space = envs.single_observation_space
+        self.single_action_space = envs.single_action_space
+
+    def _tensor(self, array, dtype=None) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=dtype, device=self.device)
+
+    def reset(self, seed: int | None = None):
+        obs, info = self.envs.reset(seed=seed)
+        return self._tensor(obs, torch.float32), info
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
+        return (self._tensor(obs, torch.float32), self._tensor(reward, torch.float32),
+                self._tensor(terminated), self._tensor(truncated), info)
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+# ==================================================================================================
+# CartPole in torch: thousands of envs on the device
+# ==================================================================================================
+
+
+class TorchCartPole:
+    """CartPole-v1 for N envs at once in torch: gymnasium 1.x's CartPoleVectorEnv.step, on any device.
+
+    Same physics (explicit Euler), thresholds (strict), rewards (1 every step, the terminating one
+    too), time limit (500: at step 500 terminated and truncated can both be true), initial states
+    (uniform in [-0.05, 0.05)) and next-step autoreset (the step after an episode ends ignores the
+    action, returns a fresh state, reward 0, both flags false, and restarts the step count).
+    Gymnasium keeps the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12).
+    Observations are float32. `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set.
+
+    Nothing here synchronises with the host: resets draw a full [N, 4] batch every step and
+    select with torch.where, so a GPU never waits.
+    """
+
+    gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+    x_threshold, theta_threshold = 2.4, 12 * 2 * math.pi / 360
+
+    def __init__(self, num_envs: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_episode_steps: int = 500):
+        self.num_envs, self.device, self.dtype = num_envs, torch.device(device), dtype
+        self.max_episode_steps = max_episode_steps
+        high = np.array([2 * self.x_threshold, np.inf, 2 * self.theta_threshold, np.inf], dtype=np.float32)
+        self.single_observation_space = gym.spaces.Box(-high, high, dtype=np.float32)
+        self.single_action_space = gym.spaces.Discrete(2)
+        self.generator = torch.Generator(device=self.device)
+        self.state = self._initial_states()
+        self.steps = torch.zeros(num_envs, dtype=torch.int32, device=self.device)
+        self.prev_done = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+
+    def _initial_states(self) -> torch.Tensor:
+        uniform = torch.rand((self.num_envs, 4), generator=self.generator, device=self.device, dtype=self.dtype)
+        return uniform * 0.1 - 0.05  # [N, 4] in [-0.05, 0.05)
+
+    def reset(self, seed: int | None = None):
+        if seed is not None:  # seeded only here, as gymnasium
+            self.generator.manual_seed(seed)
+        self.state = self._initial_states()
+        self.steps.zero_()
+        self.prev_done.zero_()
+        return self.state.float(), {}
+
+    def step(self, actions: torch.Tensor):
+        """actions [N] in {0, 1} -> (obs [N, 4], reward [N], terminated [N], truncated [N], {})."""
+        x, x_dot, theta, theta_dot = self.state.unbind(1)
+        total_mass, polemass_length = self.masspole + self.masscart, self.masspole * self.length
+        force = self.force_mag * (2.0 * actions.to(self.dtype) - 1.0)  # action 1 pushes right
+        costheta, sintheta = torch.cos(theta), torch.sin(theta)
+        temp = (force + polemass_length * theta_dot.square() * sintheta) / total_mass
+        thetaacc = (self.gravity * sintheta - costheta * temp) / (
+            self.length * (4.0 / 3.0 - self.masspole * costheta.square() / total_mass))
+        xacc = temp - polemass_length * thetaacc * costheta / total_mass
+        state = torch.stack([x + self.tau * x_dot, x_dot + self.tau * xacc,
+                             theta + self.tau * theta_dot, theta_dot + self.tau * thetaacc], dim=1)
+        terminated = (state[:, 0].abs() > self.x_threshold) | (state[:, 2].abs() > self.theta_threshold)
+        self.steps += 1
+        truncated = self.steps >= self.max_episode_steps
+
+        reset = self.prev_done  # these envs' episodes ended last step: this step only resets them
+        self.state = torch.where(reset.unsqueeze(1), self._initial_states(), state)
+        self.steps = torch.where(reset, 0, self.steps)
+        reward = (~reset).float()
+        terminated, truncated = terminated & ~reset, truncated & ~reset
+        self.prev_done = terminated | truncated
+        return self.state.float(), reward, terminated, truncated, {}
+
+    def close(self) -> None:
+        pass
 
 
 # ==================================================================================================
@@ -308,20 +445,21 @@ class Rollout:
     dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
     valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
     last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
-    episode_returns: torch.Tensor  # [E]  true (undiscounted, unbootstrapped) returns of the
-    episode_lengths: torch.Tensor  # [E]  episodes that ended in this rollout, ordered by end step
-    episode_end_steps: torch.Tensor  # [E]  env steps into the rollout (N per time step) at the end
+    ended_returns: torch.Tensor  # [T, N]  true (undiscounted) return of the episode that ended at
+    ended_lengths: torch.Tensor  # [T, N]  step t, and its length; meaningful where dones[t] = 1
 
 
 class Collector:
     """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
 
+    envs: torch tensors in and out (NumpyToTorch around a gymnasium vector env, or TorchCartPole).
     The env state persists across rollouts: the post reset every env at the start of every
     rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
-    The tensors are reused: a Rollout is valid until the next `collect`.
+    Nothing in `collect` reads a tensor on the host, so on a GPU with TorchCartPole the rollout
+    never synchronises. The tensors are reused: a Rollout is valid until the next `collect`.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, seed: int, device: torch.device):
+    def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
         self.envs, self.device = envs, device
         T, N, D = num_steps, envs.num_envs, envs.single_observation_space.shape[0]
         zeros = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
@@ -329,27 +467,23 @@ class Collector:
         self.rewards, self.dones, self.valid = zeros(T, N), zeros(T, N), zeros(T, N)
         self.truncated_only, self.ended_returns, self.ended_lengths = zeros(T, N), zeros(T, N), zeros(T, N)
         self.actions = torch.zeros((T, N), dtype=torch.long, device=device)
-        obs, _ = envs.reset(seed=seed)  # the only reset: autoreset does the rest
-        self.next_obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        self.prev_done = torch.zeros(N, device=device)  # did the episode end on the previous step?
+        self.next_obs, _ = envs.reset(seed=seed)  # the only reset: autoreset does the rest
+        self.prev_done = zeros(N)  # did the episode end on the previous step?
         self.episode_return, self.episode_length = zeros(N), zeros(N)
 
     @torch.inference_mode()
     def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
-        T, N = self.rewards.shape
+        T = self.rewards.shape[0]
         for t in range(T):
             obs = self.next_obs
             logits, value = net(obs)
             action, logprob = sample_actions(logits, generator)
-            next_obs, reward, terminated, truncated, _ = self.envs.step(action.cpu().numpy())
+            self.next_obs, reward, terminated, truncated, _ = self.envs.step(action)
 
             self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, action, logprob, value
             # Next-step autoreset: if the episode ended on the previous step, this step only reset
             # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
             self.valid[t] = 1.0 - self.prev_done
-            reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
-            terminated = torch.as_tensor(terminated, device=self.device)
-            truncated = torch.as_tensor(truncated, device=self.device)
             done = (terminated | truncated).float()
             self.rewards[t], self.dones[t] = reward, done
             # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
@@ -360,7 +494,6 @@ class Collector:
             self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
             self.episode_return *= 1.0 - done
             self.episode_length *= 1.0 - done
-            self.next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=self.device)
             self.prev_done = done
 
         last_value = net(self.next_obs)[1]
@@ -369,14 +502,22 @@ class Collector:
         # (The post treated the time limit as termination.)
         next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
         self.rewards += gamma * next_values * self.truncated_only
-
-        ended = self.dones.bool()  # [T, N]; row-major order = by end step, ties by env index
-        end_steps = (torch.arange(T, device=self.device) + 1).unsqueeze(1).expand(T, N) * N
         return Rollout(
             obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
             values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
-            episode_returns=self.ended_returns[ended], episode_lengths=self.ended_lengths[ended],
-            episode_end_steps=end_steps[ended])
+            ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
+
+
+def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The episodes that ended in a rollout: (returns [E], lengths [E], end steps [E]) on the host.
+
+    One device-to-host copy per rollout. Ordered by end step, ties by env index (row-major [T, N]).
+    End steps count env steps into the rollout: N per time step.
+    """
+    dones, returns, lengths = torch.stack([rollout.dones, rollout.ended_returns, rollout.ended_lengths]).cpu().numpy()
+    ended = dones > 0  # [T, N]
+    time_index = np.nonzero(ended)[0]
+    return returns[ended], lengths[ended].astype(np.int64), (time_index + 1) * dones.shape[1]
 
 
 # ==================================================================================================
@@ -585,21 +726,32 @@ class ReturnTracker:
 
     "Solved" is the first episode at which the mean of the last `window` returns reaches the
     target (CartPole-v1: 475 over 100 episodes; the post counted >= 200, CartPole-v0's bar).
+    With thousands of envs that rule breaks: all envs start together, so the first episodes of
+    an iteration to end are the failures and the survivors all truncate on the same step, and
+    "the last 100" is a biased sample that depends on tie order. So when one iteration ends
+    `window` or more episodes, solved means the mean of all of them reaches the target
+    (conservative: short episodes are over-represented in a window); see check_iteration.
     """
 
     def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
-        self.ema_alpha, self.target_return = ema_alpha, target_return
+        self.ema_alpha, self.target_return, self.window = ema_alpha, target_return, window
         self.ema: float | None = None  # starts at the first return, not at 0 as the post's did
         self.recent: deque[float] = deque(maxlen=window)
         self.solved_at_step: int | None = None
 
-    def add(self, episode_return: float, env_step: int) -> None:
+    def add(self, episode_return: float, env_step: int, check_solved: bool = True) -> None:
+        """One episode, in the order they end (ties by env index)."""
         r = float(episode_return)
         self.ema = r if self.ema is None else self.ema_alpha * r + (1 - self.ema_alpha) * self.ema
         self.recent.append(r)
-        if self.solved_at_step is None and len(self.recent) == self.recent.maxlen \
+        if check_solved and self.solved_at_step is None and len(self.recent) == self.window \
                 and self.mean_recent >= self.target_return:
             self.solved_at_step = env_step
+
+    def check_iteration(self, returns: np.ndarray, end_steps: np.ndarray) -> None:
+        """The many-envs rule: an iteration that ended >= window episodes is judged by their mean."""
+        if self.solved_at_step is None and len(returns) >= self.window and returns.mean() >= self.target_return:
+            self.solved_at_step = int(end_steps[-1])
 
     @property
     def mean_recent(self) -> float:
@@ -822,12 +974,18 @@ def train(config: Config) -> dict:
     target = config.target_return if config.target_return is not None else gym.spec(config.env_id).reward_threshold
     out_dir = Path(config.out_dir or f"runs/{config.env_id}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_dict = dataclasses.asdict(config) | {"target_return": target}
+    backend = resolve_backend(config.env_backend, config.env_id, device)
+    config_dict = dataclasses.asdict(config) | {"target_return": target, "env_backend": backend}  # effective
     value_clip_eps = (config.value_clip_eps or config.clip_eps) if config.clip_value else None
-    print(f"ppo_cartpole: {config.env_id} x{config.num_envs} ({config.vectorization_mode}) on {device}, "
+    preset = {k: getattr(config, k) for k in TORCH_PRESET if getattr(config, k) == TORCH_PRESET[k]}
+    settings = f"torch backend preset {preset}" if backend == "torch" else f"{config.vectorization_mode} vector env"
+    print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {device}, {settings}, "
           f"{config.episodes} iterations of {config.buffer_size} steps -> {out_dir}", flush=True)
 
-    envs = make_envs(config.env_id, config.num_envs, config.vectorization_mode)
+    if backend == "torch":
+        envs = TorchCartPole(config.num_envs, device)
+    else:
+        envs = NumpyToTorch(make_envs(config.env_id, config.num_envs, config.vectorization_mode), device)
     net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
     optimizer = Adam(net.parameters(), lr=config.lr)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
@@ -885,22 +1043,24 @@ def train(config: Config) -> dict:
                 update_seconds += time.perf_counter() - t1
 
                 seconds = time.perf_counter() - start
-                for ret, length, end in zip(rollout.episode_returns.tolist(), rollout.episode_lengths.tolist(),
-                                            rollout.episode_end_steps.tolist()):
-                    tracker.add(ret, env_steps + end)
-                    episodes.append(dict(env_step=env_steps + end, seconds=round(seconds, 3), **{"return": ret},
-                                         length=int(length), ema_return=tracker.ema,
-                                         mean100_return=tracker.mean_recent, success_rate=tracker.success_rate))
+                ended_returns, ended_lengths, ended_steps = finished_episodes(rollout)
+                for ret, length, end in zip(ended_returns.tolist(), ended_lengths.tolist(),
+                                            (env_steps + ended_steps).tolist()):
+                    tracker.add(ret, end, check_solved=len(ended_returns) < tracker.window)
+                    episodes.append(dict(env_step=end, seconds=round(seconds, 3), **{"return": ret}, length=length,
+                                         ema_return=tracker.ema, mean100_return=tracker.mean_recent,
+                                         success_rate=tracker.success_rate))
                     episodes_csv.writerow(episodes[-1])
+                tracker.check_iteration(ended_returns, env_steps + ended_steps)
                 env_steps += config.buffer_size
                 if tracker.solved_at_step is not None and solved_at_seconds is None:
                     solved_at_seconds, solved_at_iteration = seconds, iteration
-                if len(rollout.episode_returns):
+                if len(ended_returns):
                     consider_best(tracker.ema)
 
                 row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
                            steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
-                           **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(rollout.episode_returns),
+                           **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(ended_returns),
                            last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
                            mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
                            best_confirmed_return=best_confirmed)

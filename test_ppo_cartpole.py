@@ -29,7 +29,7 @@ def small_net(seed=0, obs_dim=4, act_dim=2):
 
 def collect(mode="sync", num_envs=4, num_steps=32, rollouts=1, gamma=0.99, seed=0, **env_kwargs):
     """A collector on real CartPole envs; returns (collector, net, list of rollouts copied out)."""
-    envs = ppo.make_envs("CartPole-v1", num_envs, mode, **env_kwargs)
+    envs = ppo.NumpyToTorch(ppo.make_envs("CartPole-v1", num_envs, mode, **env_kwargs), torch.device("cpu"))
     net = small_net(seed)
     collector = ppo.Collector(envs, num_steps, seed, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
@@ -208,7 +208,7 @@ def test_rollout_is_stored_time_by_env(mode):
 
 def test_env_state_persists_across_rollouts_so_episodes_outlive_t():
     collector, net, rollouts = collect(num_envs=4, num_steps=8, rollouts=12)
-    lengths = torch.cat([r.episode_lengths for r in rollouts])
+    lengths = np.concatenate([ppo.finished_episodes(r)[1] for r in rollouts])
     assert lengths.max() > 8  # the post reset every rollout: no episode could outlive T
     for before, after in zip(rollouts, rollouts[1:]):
         # the next rollout starts where the last one stopped: same obs, same prev-done mask
@@ -253,6 +253,7 @@ class ScriptedEnvs:
     def __init__(self, flags):
         self.flags, self.t, self.num_envs = flags, 0, len(flags[0][0])
         self.single_observation_space = gym.spaces.Box(-1, 1, (4,), np.float32)
+        self.single_action_space = gym.spaces.Discrete(2)
 
     def reset(self, seed=None):
         return np.full((self.num_envs, 4), 0.01 * self.t, np.float32), {}
@@ -268,7 +269,7 @@ def test_truncated_and_terminated_on_the_same_step_is_a_termination():
     # env 0: truncated only; env 1: both flags (CartPole at step 500 when the pole also falls)
     flags = [([False, False], [False, False]), ([False, True], [True, True]), ([False, False], [False, False])]
     net = small_net()
-    collector = ppo.Collector(ScriptedEnvs(flags), 3, 0, torch.device("cpu"))
+    collector = ppo.Collector(ppo.NumpyToTorch(ScriptedEnvs(flags), torch.device("cpu")), 3, 0, torch.device("cpu"))
     r = collector.collect(net, gamma=0.5)
     with torch.no_grad():
         value_of_final_obs = net(torch.full((1, 4), 0.02))[1].item()
@@ -296,13 +297,13 @@ class EpisodeSpy(gym.vector.VectorWrapper):
 @pytest.mark.parametrize("mode", MODES)
 def test_episode_returns_match_record_episode_statistics(mode):
     spy = EpisodeSpy(ppo.make_envs("CartPole-v1", 4, mode))
-    collector = ppo.Collector(spy, 16, 0, torch.device("cpu"))
+    collector = ppo.Collector(ppo.NumpyToTorch(spy, torch.device("cpu")), 16, 0, torch.device("cpu"))
     net, generator = small_net(), torch.Generator().manual_seed(0)
     returns, lengths = [], []
     for _ in range(10):
-        r = collector.collect(net, 0.99, generator)
-        returns += r.episode_returns.tolist()
-        lengths += r.episode_lengths.tolist()
+        ended_returns, ended_lengths, _ = ppo.finished_episodes(collector.collect(net, 0.99, generator))
+        returns += ended_returns.tolist()
+        lengths += ended_lengths.tolist()
     assert len(returns) > 10
     assert returns == spy.returns and lengths == spy.lengths
 
