@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import ppo_cartpole as ppo
+from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 MODES = ["sync", "vector_entry_point"]
 
@@ -167,6 +168,133 @@ def test_envs_autoreset_on_the_next_step_in_both_modes(mode):
     rewards = [r.tolist() for r, _, _ in flags]
     assert rewards == [[1, 1], [1, 1], [1, 1], [0, 0], [1, 1]]
     assert flags[2][2].all() and not flags[3][2].any()
+
+
+# ==================================================================================================
+# CartPole in torch
+# ==================================================================================================
+
+
+def twin_envs(num_envs, seed=0):
+    """gymnasium's CartPoleVectorEnv and a float64 TorchCartPole starting from its states."""
+    gym_envs = CartPoleVectorEnv(num_envs=num_envs)
+    gym_envs.reset(seed=seed)
+    torch_envs = ppo.TorchCartPole(num_envs, dtype=torch.float64)
+    torch_envs.reset(seed=seed)
+    torch_envs.state = torch.tensor(gym_envs.state.T.copy())  # gymnasium stores [4, N]
+    return gym_envs, torch_envs
+
+
+@pytest.mark.parametrize("action", [0, 1])
+def test_torch_cartpole_step_matches_gymnasium_to_1e12(action):
+    rng = np.random.default_rng(action)
+    gym_envs, torch_envs = twin_envs(2000)
+    states = rng.uniform([-2.4, -3.0, -0.21, -3.0], [2.4, 3.0, 0.21, 3.0], size=(2000, 4))
+    gym_envs.state = states.T.copy()
+    torch_envs.state = torch.tensor(states)
+    obs, reward, terminated, truncated, _ = gym_envs.step(np.full(2000, action))
+    t_obs, t_reward, t_terminated, t_truncated, _ = torch_envs.step(torch.full((2000,), action))
+    assert np.abs(torch_envs.state.numpy() - gym_envs.state.T).max() < 1e-12
+    assert 0 < terminated.sum() < 2000  # both outcomes exercised
+    assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
+    assert (t_reward.numpy() == reward).all() and t_obs.dtype == torch.float32
+    assert np.allclose(t_obs.numpy(), obs)
+
+
+def test_torch_cartpole_short_random_episodes_match_to_the_end():
+    rng = np.random.default_rng(0)
+    gym_envs, torch_envs = twin_envs(64, seed=5)
+    ended = np.zeros(64, dtype=bool)
+    for _ in range(200):
+        actions = rng.integers(0, 2, 64)
+        _, reward, terminated, truncated, _ = gym_envs.step(actions)
+        _, t_reward, t_terminated, t_truncated, _ = torch_envs.step(torch.as_tensor(actions))
+        live = ~ended  # after its end each env resets from its own random stream: not compared
+        assert np.abs(torch_envs.state.numpy()[live] - gym_envs.state.T[live]).max(initial=0) < 1e-9
+        assert (t_terminated.numpy()[live] == terminated[live]).all()
+        assert (t_reward.numpy()[live] == reward[live]).all() and not truncated[live].any()
+        ended |= terminated
+        if ended.all():
+            break
+    assert ended.all()  # every episode played to its terminating step
+
+
+def test_torch_cartpole_truncates_at_500_with_both_flags_when_the_pole_also_falls():
+    gym_envs, torch_envs = twin_envs(2)
+    balanced, falling = np.zeros(4), np.array([0.0, 0.0, 0.2094, 2.0])  # falling: over 12 degrees next step
+    for step in range(1, 501):
+        states = np.stack([balanced, falling if step == 500 else balanced])
+        gym_envs.state, torch_envs.state = states.T.copy(), torch.tensor(states)
+        _, _, terminated, truncated, _ = gym_envs.step(np.array([0, 1]))
+        _, _, t_terminated, t_truncated, _ = torch_envs.step(torch.tensor([0, 1]))
+        assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
+        assert truncated.any() == (step == 500)
+    assert truncated.tolist() == [True, True] and terminated.tolist() == [False, True]
+
+
+def test_torch_cartpole_autoresets_on_the_next_step():
+    envs = ppo.TorchCartPole(3, max_episode_steps=4)
+    envs.reset(seed=0)
+    out = [envs.step(torch.tensor([0, 1, 0])) for _ in range(5)]
+    assert [o[1].tolist() for o in out] == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert out[3][3].all() and not out[4][2].any() and not out[4][3].any()
+    assert (out[4][0].abs() < 0.05).all() and envs.steps.tolist() == [0, 0, 0]  # fresh states, count restarted
+
+
+def test_torch_cartpole_seeding_is_reproducible():
+    first = [ppo.TorchCartPole(8).reset(seed=s)[0] for s in (3, 3, 4)]
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+    assert (first[0].abs() < 0.05).all()
+
+
+@pytest.mark.parametrize("backend", ["gymnasium", "torch"])
+def test_collector_masks_autoreset_steps_on_both_backends(backend):
+    envs = (ppo.TorchCartPole(4) if backend == "torch"
+            else ppo.NumpyToTorch(ppo.make_envs("CartPole-v1", 4), torch.device("cpu")))
+    collector = ppo.Collector(envs, 64, 0, torch.device("cpu"))
+    r = collector.collect(small_net(), 0.99, torch.Generator().manual_seed(0))
+    ended_before = torch.cat([torch.zeros(1, 4), r.dones[:-1]])
+    assert r.dones.sum() > 4 and torch.equal(r.valid, 1 - ended_before)
+    assert (r.rewards[r.valid == 0] == 0).all()
+    returns, lengths, _ = ppo.finished_episodes(r)
+    assert (returns == lengths).all()  # CartPole pays 1 per real step; reset steps count for neither
+
+
+def test_torch_backend_takes_its_preset_for_flags_not_given():
+    c = ppo.parse_args(["--env-backend", "torch", "--num-envs", "64"])
+    assert c.env_backend == "torch" and c.num_envs == 64
+    assert (c.buffer_size, c.minibatch_size, c.lr) == tuple(ppo.TORCH_PRESET[k] for k in ("buffer_size", "minibatch_size", "lr"))
+    assert ppo.parse_args([]).env_backend == "gymnasium"  # CPU: gymnasium's native vector env is faster
+
+
+def test_auto_backend_is_torch_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ppo.parse_args([]).env_backend == "torch"
+    assert ppo.parse_args(["--device", "cpu"]).env_backend == "gymnasium"
+    assert ppo.parse_args(["--env-id", "Acrobot-v1"]).env_backend == "gymnasium"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--env-backend", "torch", "--env-id", "Acrobot-v1"], "--env-backend"),
+    (["--env-backend", "torch", "--vectorization-mode", "sync"], "--vectorization-mode"),
+])
+def test_torch_backend_misuse_is_a_clean_error(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(argv)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
+    tracker = ppo.ReturnTracker(0.1, target_return=475, window=100)
+    # 150 episodes end together: the 90 survivors at 500, sorted last, make "the last 100" read
+    # (10 * 400 + 90 * 500) / 100 = 490, solved by the last-100 rule; the mean of all 150, (60 * 400 + 90 * 500) / 150 = 460, is not solved.
+    returns = np.array([400.0] * 60 + [500.0] * 90)
+    for r in returns:
+        tracker.add(r, 10, check_solved=False)
+    tracker.check_iteration(returns, np.full(150, 10))
+    assert tracker.mean_recent == 490 and tracker.solved_at_step is None
+    tracker.check_iteration(np.full(150, 480.0), np.arange(150) + 20)
+    assert tracker.solved_at_step == 169
 
 
 # ==================================================================================================
@@ -720,6 +848,18 @@ def test_eval_flag_evaluates_and_writes_a_gif_without_training(tmp_path, capsys)
     assert ppo.main(["--eval", str(tmp_path / "best.pt"), "--eval-episodes", "3"]) == 0
     assert "mean" in capsys.readouterr().out
     assert (tmp_path / "eval_best.gif").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_torch_backend_on_the_cpu_solves_gymnasiums_cartpole(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(["--env-backend", "torch", "--device", "cpu", "--num-envs", "64", "--buffer-size", "2048",
+                     "--minibatch-size", "512", "--stop-when-solved", "--episodes", "400", "--no-gif", "--no-plot",
+                     "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None and summary["config"]["env_backend"] == "torch"
+    net, _ = ppo.load_agent(out / "best.pt")
+    assert ppo.evaluate(net, "CartPole-v1", 20, seed=12345).mean() >= 475  # gymnasium's own env
 
 
 @pytest.mark.slow
