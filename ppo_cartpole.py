@@ -69,7 +69,7 @@ class Config:
     ema_alpha: float = 0.1  # weight of the newest episode in the EMA of returns
     target_return: float | None = None  # None = the env's reward_threshold (475 for CartPole-v1)
     stop_when_solved: bool = False
-    confirm_episodes: int = 5  # greedy episodes that confirm a best.pt candidate (0 = no check)
+    confirm_episodes: int = 50  # greedy episodes, run together, that confirm a best.pt candidate (0 = none)
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # torch CPU threads; 1 ran as fast as 2 here, and keeps runs identical across machines
@@ -83,7 +83,7 @@ class Config:
 # With TorchCartPole on a GPU, thousands of envs cost little more than eight, and the post's
 # 64-sample minibatches would take thousands of optimizer steps per rollout. These settings apply
 # to the flags the user did not give whenever the torch backend is in use (README, "torch backend").
-TORCH_PRESET = {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 4096, "update_epochs": 4, "lr": 3e-3}
+TORCH_PRESET = {"num_envs": 1024, "buffer_size": 32768, "minibatch_size": 4096, "update_epochs": 4, "lr": 3e-3}
 
 # The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
 # (with its defects fixed). README, "Flags", says what each of our defaults gained.
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-alpha", type=float, default=d.ema_alpha, help="EMA weight of a new return")
     p.add_argument("--target-return", type=float, default=d.target_return,
                    help="'solved' bar for the mean of the last 100 returns (default: env's reward_threshold)")
-    p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction,
-                   default=d.stop_when_solved, help="end training once solved")
+    p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction, default=d.stop_when_solved,
+                   help="end training once solved and a best.pt candidate has played the target greedily")
     p.add_argument("--confirm-episodes", type=int, default=d.confirm_episodes,
                    help="greedy episodes that confirm a best.pt candidate (0 = save on EMA alone)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -994,21 +994,21 @@ def train(config: Config) -> dict:
     solved_at_seconds = solved_at_iteration = None
     episodes, metrics, env_steps, interrupted, iteration = [], [], 0, False, 0
 
-    def consider_best(candidate_ema: float | None) -> None:
+    def consider_best(candidate_ema: float | None, always: bool = False) -> None:
         """Save best.pt when the EMA of returns reaches a new best and a short greedy run confirms it.
 
         The EMA mixes returns earned by several recent policy versions, so the weights at its peak
         need not play well themselves (the post saved them unchecked). A candidate's EMA must also
         beat the saved policy's confirmed greedy score: once a policy has played the maximum,
-        no more time goes into checks. None = the final weights, always checked.
+        no more time goes into checks. always: check the current weights regardless of the EMA.
         """
         nonlocal best_ema, best_confirmed, confirm_seconds
-        if candidate_ema is not None:
-            if candidate_ema <= best_ema:
-                return
+        if candidate_ema is not None and candidate_ema > best_ema:
             best_ema = candidate_ema
-            if config.confirm_episodes and candidate_ema <= best_confirmed:
-                return
+        elif not always:
+            return
+        if not always and config.confirm_episodes and candidate_ema <= best_confirmed:
+            return
         t0 = time.perf_counter()
         score = (float(evaluate(net, config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET).mean())
                  if config.confirm_episodes else best_ema)
@@ -1055,8 +1055,13 @@ def train(config: Config) -> dict:
                 env_steps += config.buffer_size
                 if tracker.solved_at_step is not None and solved_at_seconds is None:
                     solved_at_seconds, solved_at_iteration = seconds, iteration
-                if len(ended_returns):
-                    consider_best(tracker.ema)
+                # Solved, but no saved policy has played the target greedily yet (the sampled policy's
+                # returns can run ahead of the greedy one's): check the weights every iteration until
+                # one does, and stop only then.
+                awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
+                                 and best_confirmed < target)
+                if len(ended_returns) or awaiting_best:
+                    consider_best(tracker.ema, always=awaiting_best)
 
                 row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
                            steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
@@ -1070,7 +1075,8 @@ def train(config: Config) -> dict:
                 episodes_file.flush()
                 bar.set_postfix(steps=env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
                                 mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
-                if config.stop_when_solved and tracker.solved_at_step is not None:
+                if config.stop_when_solved and tracker.solved_at_step is not None \
+                        and (best_confirmed >= target or not config.confirm_episodes):
                     break
         except KeyboardInterrupt:
             interrupted = True
@@ -1080,7 +1086,8 @@ def train(config: Config) -> dict:
             envs.close()
 
     save_checkpoint(out_dir / "final.pt", net, config_dict)
-    consider_best(None)  # the final weights are a candidate too, as a greedy run confirms them
+    if config.confirm_episodes or not (out_dir / "best.pt").exists():
+        consider_best(tracker.ema, always=True)  # the final weights are a candidate too
     best_net, _ = load_agent(out_dir / "best.pt", device)
     eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     if config.plot:

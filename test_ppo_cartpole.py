@@ -816,13 +816,34 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert runs[0] == runs[1]
 
 
-def test_stop_when_solved_stops_at_the_solve(tmp_path):
+def test_stop_when_solved_stops_at_the_solve_without_confirmation(tmp_path):
     out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "50", "--target-return", "12", "--stop-when-solved",
-                             "--no-plot", "--no-gif", "--out-dir", str(out)]) == 0
+    assert ppo.main(QUICK + ["--episodes", "50", "--target-return", "12", "--stop-when-solved", "--confirm-episodes",
+                             "0", "--no-plot", "--no-gif", "--out-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["solved_at_step"] is not None and summary["iterations"] == summary["solved_at_iteration"] + 1
-    assert summary["iterations"] < 50
+
+
+def test_without_confirmation_best_pt_is_the_ema_best_not_the_final_weights(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "12", "--confirm-episodes", "0", "--no-plot", "--no-gif",
+                             "--out-dir", str(out)]) == 0
+    with open(out / "metrics.csv") as f:
+        ema = [float(row["ema_return"]) for row in csv.DictReader(f)]
+    assert np.argmax(ema) < len(ema) - 1  # the EMA peaked before the end in this run...
+    best, final = (torch.load(out / name, weights_only=True)["state_dict"] for name in ("best.pt", "final.pt"))
+    assert any(not torch.equal(best[k], final[k]) for k in best)  # ...so best.pt is not final.pt
+
+
+def test_stop_when_solved_waits_until_best_pt_plays_the_target(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "60", "--target-return", "40", "--stop-when-solved",
+                             "--no-plot", "--no-gif", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None and summary["iterations"] < 60
+    assert summary["best_confirmed_return"] >= 40
+    net, _ = ppo.load_agent(out / "best.pt")
+    assert ppo.evaluate(net, "CartPole-v1", 20, seed=1 + ppo.CONFIRM_SEED_OFFSET).mean() >= 40
 
 
 def test_ctrl_c_keeps_metrics_best_and_final_and_exits_130(tmp_path, monkeypatch):
