@@ -27,9 +27,10 @@ test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
 test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
 	$(PYTHON) -m pytest -q
 
-bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds each (~3 min)
+bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds each, then env backends (~3 min)
 	$(PYTHON) -m pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/solve_bench.py --seeds 5 --out bench/results
+	$(PYTHON) bench/env_bench.py --out bench/results
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

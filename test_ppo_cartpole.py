@@ -260,6 +260,33 @@ def test_collector_masks_autoreset_steps_on_both_backends(backend):
     assert (returns == lengths).all()  # CartPole pays 1 per real step; reset steps count for neither
 
 
+@pytest.mark.parametrize("backend", ["torch", "gymnasium"])
+def test_torch_rollout_never_reads_a_tensor_on_the_host(backend, monkeypatch):
+    """What would synchronise a GPU, made to fail on the CPU: the torch path must not touch it."""
+    envs = (ppo.TorchCartPole(8) if backend == "torch"
+            else ppo.NumpyToTorch(ppo.make_envs("CartPole-v1", 8), torch.device("cpu")))
+    collector, net = ppo.Collector(envs, 64, 0, torch.device("cpu")), small_net()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read during the rollout")
+
+    for name in ("item", "cpu", "numpy", "tolist", "__bool__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    getitem = torch.Tensor.__getitem__
+
+    def no_boolean_masks(self, index):
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            host_read()
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_boolean_masks)
+    if backend == "torch":
+        collector.collect(net, 0.99, torch.Generator().manual_seed(0))
+    else:  # the check can fail: gymnasium's envs need the actions on the host every step
+        with pytest.raises(AssertionError, match="host read"):
+            collector.collect(net, 0.99, torch.Generator().manual_seed(0))
+
+
 def test_torch_backend_takes_its_preset_for_flags_not_given():
     c = ppo.parse_args(["--env-backend", "torch", "--num-envs", "64"])
     assert c.env_backend == "torch" and c.num_envs == 64
