@@ -236,7 +236,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out_dir = Path(c.out_dir or "runs")
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." always exists
     chk(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
-        f"a folder that can be created or written to ({existing} is {'not writable' if existing.is_dir() else 'a file'})")
+        f"a folder that can be created or written to ({existing} is "
+        f"{'not writable' if existing.is_dir() else 'a file'})")
     if c.max_grad_norm == 0:
         config = dataclasses.replace(config, max_grad_norm=None)
     if c.eval is None:  # --eval reads the env id from the checkpoint instead

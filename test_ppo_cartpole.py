@@ -290,7 +290,8 @@ def test_torch_rollout_never_reads_a_tensor_on_the_host(backend, monkeypatch):
 def test_torch_backend_takes_its_preset_for_flags_not_given():
     c = ppo.parse_args(["--env-backend", "torch", "--num-envs", "64"])
     assert c.env_backend == "torch" and c.num_envs == 64
-    assert (c.buffer_size, c.minibatch_size, c.lr) == tuple(ppo.TORCH_PRESET[k] for k in ("buffer_size", "minibatch_size", "lr"))
+    for key in ("buffer_size", "minibatch_size", "update_epochs", "lr"):
+        assert getattr(c, key) == ppo.TORCH_PRESET[key]
     assert ppo.parse_args([]).env_backend == "gymnasium"  # CPU: gymnasium's native vector env is faster
 
 
@@ -314,7 +315,8 @@ def test_torch_backend_misuse_is_a_clean_error(argv, flag, capsys):
 def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
     tracker = ppo.ReturnTracker(0.1, target_return=475, window=100)
     # 150 episodes end together: the 90 survivors at 500, sorted last, make "the last 100" read
-    # (10 * 400 + 90 * 500) / 100 = 490, solved by the last-100 rule; the mean of all 150, (60 * 400 + 90 * 500) / 150 = 460, is not solved.
+    # (10 * 400 + 90 * 500) / 100 = 490, solved by the last-100 rule; the mean of all 150,
+    # (60 * 400 + 90 * 500) / 150 = 460, is not.
     returns = np.array([400.0] * 60 + [500.0] * 90)
     for r in returns:
         tracker.add(r, 10, check_solved=False)
@@ -602,15 +604,16 @@ def test_adam_and_clip_grad_norm_match_torch_step_for_step(max_norm):
     nets = []
     for ours in (True, False):
         net = small_net(0)
-        optimizer = ppo.Adam(net.parameters(), 1e-2) if ours else torch.optim.Adam(net.parameters(), 1e-2, foreach=False)
+        params = list(net.parameters())
+        optimizer = ppo.Adam(params, 1e-2) if ours else torch.optim.Adam(params, 1e-2, foreach=False)
         g = torch.Generator().manual_seed(1)
         for _ in range(25):
             logits, values = net(torch.randn(64, 4, generator=g))
             optimizer.zero_grad()
             (logits.pow(2).mean() + (values - 3).pow(2).mean()).backward()
             if max_norm is not None:
-                params = list(net.parameters())
-                norm = ppo.clip_grad_norm(params, max_norm) if ours else torch.nn.utils.clip_grad_norm_(params, max_norm)
+                clip = ppo.clip_grad_norm if ours else torch.nn.utils.clip_grad_norm_
+                norm = clip(params, max_norm)
                 assert norm > max_norm  # the clip is really exercised
             optimizer.step()
         nets.append(net)

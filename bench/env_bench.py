@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         fixed, solve = users_command(device, out, solve=False), users_command(device, out, solve=True)
         runs[device] = {"fixed_50": fixed, "solve": solve}
         lines.append(f"| {device} | {fixed['backend']}, {fixed['num_envs']} | {fixed['steps_per_second']:,.0f} | "
-                     f"{solve['solved_at_step'] or '-':,} | {solve['whole_seconds']:.1f} | {solve['eval_return']:.1f} |")
+                     f"{solve['solved_at_step'] or 0:,} | {solve['whole_seconds']:.1f} | "
+                     f"{solve['eval_return']:.1f} |")
         print(lines[-1], flush=True)
     if not gpu:
         lines += ["", "No CUDA device here: the GPU rows are missing, not zero."]

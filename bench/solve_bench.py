@@ -145,9 +145,12 @@ def main(argv=None) -> int:
         print(f"seed {seed}: ours {fmt(ours['whole_seconds'])} s ({fmt(ours['solved_at_step'], 0)} steps), "
               f"SB3 {fmt(sb3['whole_seconds'])} s ({fmt(sb3['solved_at_step'], 0)} steps)", flush=True)
 
-    ours_median, sb3_median = median(results["ppo_cartpole"], "whole_seconds"), median(results["SB3-zoo"], "whole_seconds")
+    ours_median = median(results["ppo_cartpole"], "whole_seconds")
+    sb3_median = median(results["SB3-zoo"], "whole_seconds")
     ratio = ours_median / sb3_median if ours_median and sb3_median else None
-    command = "python bench/solve_bench.py --seeds " + str(args.seeds) + (f" --ours-args='{args.ours_args}'" if args.ours_args else "")
+    command = f"python bench/solve_bench.py --seeds {args.seeds}"
+    if args.ours_args:
+        command += f" --ours-args='{args.ours_args}'"
     report = "\n".join([
         f"Machine: {machine()}. Command: `{command}`.",
         "",
