@@ -319,6 +319,7 @@ class TorchCartPole:
     """
 
     gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+    total_mass, polemass_length = masspole + masscart, masspole * length
     x_threshold, theta_threshold = 2.4, 12 * 2 * math.pi / 360
 
     def __init__(self, num_envs: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -328,6 +329,8 @@ class TorchCartPole:
         high = np.array([2 * self.x_threshold, np.inf, 2 * self.theta_threshold, np.inf], dtype=np.float32)
         self.single_observation_space = gym.spaces.Box(-high, high, dtype=np.float32)
         self.single_action_space = gym.spaces.Discrete(2)
+        self.forces = torch.tensor([-self.force_mag, self.force_mag], dtype=dtype, device=self.device)  # by action
+        self.thresholds = torch.tensor([self.x_threshold, self.theta_threshold], dtype=dtype, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.state = self._initial_states()
         self.steps = torch.zeros(num_envs, dtype=torch.int32, device=self.device)
@@ -348,26 +351,22 @@ class TorchCartPole:
     def step(self, actions: torch.Tensor):
         """actions [N] in {0, 1} -> (obs [N, 4], reward [N], terminated [N], truncated [N], {})."""
         x, x_dot, theta, theta_dot = self.state.unbind(1)
-        total_mass, polemass_length = self.masspole + self.masscart, self.masspole * self.length
-        force = self.force_mag * (2.0 * actions.to(self.dtype) - 1.0)  # action 1 pushes right
+        force = self.forces[actions]  # action 1 pushes right
         costheta, sintheta = torch.cos(theta), torch.sin(theta)
-        temp = (force + polemass_length * theta_dot.square() * sintheta) / total_mass
+        temp = (force + self.polemass_length * theta_dot.square() * sintheta) / self.total_mass
         thetaacc = (self.gravity * sintheta - costheta * temp) / (
-            self.length * (4.0 / 3.0 - self.masspole * costheta.square() / total_mass))
-        xacc = temp - polemass_length * thetaacc * costheta / total_mass
-        state = torch.stack([x + self.tau * x_dot, x_dot + self.tau * xacc,
-                             theta + self.tau * theta_dot, theta_dot + self.tau * thetaacc], dim=1)
-        terminated = (state[:, 0].abs() > self.x_threshold) | (state[:, 2].abs() > self.theta_threshold)
-        self.steps += 1
-        truncated = self.steps >= self.max_episode_steps
+            self.length * (4.0 / 3.0 - self.masspole * costheta.square() / self.total_mass))
+        xacc = temp - self.polemass_length * thetaacc * costheta / self.total_mass
+        state = self.state + self.tau * torch.stack([x_dot, xacc, theta_dot, thetaacc], dim=1)  # explicit Euler
+        terminated = (state[:, 0::2].abs() > self.thresholds).any(dim=1)  # |x| > 2.4 or |theta| > 12 degrees
 
         reset = self.prev_done  # these envs' episodes ended last step: this step only resets them
         self.state = torch.where(reset.unsqueeze(1), self._initial_states(), state)
-        self.steps = torch.where(reset, 0, self.steps)
-        reward = (~reset).float()
-        terminated, truncated = terminated & ~reset, truncated & ~reset
+        self.steps = torch.where(reset, 0, self.steps + 1)
+        truncated = self.steps >= self.max_episode_steps  # never on a reset step: its count is 0
+        terminated = terminated & ~reset
         self.prev_done = terminated | truncated
-        return self.state.float(), reward, terminated, truncated, {}
+        return self.state.float(), (~reset).float(), terminated, truncated, {}
 
     def close(self) -> None:
         pass
