@@ -2,16 +2,17 @@
 
 One file, read top to bottom in the order the algorithm runs:
 
-    config -> environments -> model -> rollout -> advantages (GAE) -> losses -> schedules
-    -> update -> tracking and checkpoints -> plot -> GIF -> evaluation -> train -> main
+    config -> environments -> CartPole in torch -> model -> rollout -> advantages (GAE) -> losses
+    -> schedules -> optimiser -> update -> tracking and checkpoints -> plot -> GIF -> evaluation
+    -> train -> main
 
 Every function takes what it needs as arguments and returns what it made, so any piece can be
 copied into another project alone. Shapes: T = steps per env per rollout, N = number of envs,
 B = a batch of samples, A = number of actions, D = observation size.
 
 Usage:
-    python ppo_cartpole.py                          # train with the defaults
-    python ppo_cartpole.py --episodes 2000 --device cuda
+    python ppo_cartpole.py --stop-when-solved       # train with the defaults until solved
+    python ppo_cartpole.py --episodes 2000 --device cuda   # on a GPU: CartPole stepped in torch
     python ppo_cartpole.py --eval runs/<run>/best.pt
 """
 
@@ -994,24 +995,23 @@ def train(config: Config) -> dict:
     solved_at_seconds = solved_at_iteration = None
     episodes, metrics, env_steps, interrupted, iteration = [], [], 0, False, 0
 
-    def consider_best(candidate_ema: float | None, always: bool = False) -> None:
+    def consider_best(always: bool = False) -> None:
         """Save best.pt when the EMA of returns reaches a new best and a short greedy run confirms it.
 
         The EMA mixes returns earned by several recent policy versions, so the weights at its peak
         need not play well themselves (the post saved them unchecked). A candidate's EMA must also
-        beat the saved policy's confirmed greedy score: once a policy has played the maximum,
-        no more time goes into checks. always: check the current weights regardless of the EMA.
+        beat the saved policy's confirmed greedy score, so once a policy has played the maximum no
+        more time goes into checks. always: the current weights are a candidate whatever the EMA.
         """
         nonlocal best_ema, best_confirmed, confirm_seconds
-        if candidate_ema is not None and candidate_ema > best_ema:
-            best_ema = candidate_ema
-        elif not always:
-            return
-        if not always and config.confirm_episodes and candidate_ema <= best_confirmed:
+        new_best_ema = tracker.ema is not None and tracker.ema > best_ema
+        if new_best_ema:
+            best_ema = tracker.ema
+        if not (always or new_best_ema and (config.confirm_episodes == 0 or tracker.ema > best_confirmed)):
             return
         t0 = time.perf_counter()
         score = (float(evaluate(net, config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET).mean())
-                 if config.confirm_episodes else best_ema)
+                 if config.confirm_episodes else best_ema)  # 0 confirm episodes: the post's EMA-only rule
         confirm_seconds += time.perf_counter() - t0
         if score >= best_confirmed:
             best_confirmed = score
@@ -1061,7 +1061,7 @@ def train(config: Config) -> dict:
                 awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
                                  and best_confirmed < target)
                 if len(ended_returns) or awaiting_best:
-                    consider_best(tracker.ema, always=awaiting_best)
+                    consider_best(always=awaiting_best)
 
                 row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
                            steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
@@ -1087,7 +1087,7 @@ def train(config: Config) -> dict:
 
     save_checkpoint(out_dir / "final.pt", net, config_dict)
     if config.confirm_episodes or not (out_dir / "best.pt").exists():
-        consider_best(tracker.ema, always=True)  # the final weights are a candidate too
+        consider_best(always=True)  # the final weights are a candidate too
     best_net, _ = load_agent(out_dir / "best.pt", device)
     eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     if config.plot:
