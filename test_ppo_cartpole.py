@@ -21,6 +21,15 @@ import ppo_cartpole as ppo
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 MODES = ["sync", "vector_entry_point"]
+CUDA = torch.cuda.is_available()  # the real answer, before the fixture below hides it
+
+
+@pytest.fixture(autouse=True)
+def machine_without_cuda(request, monkeypatch):
+    """Every test sees a machine without CUDA, where the defaults are the CPU's, so the suite
+    passes the same on a GPU machine; tests marked `cuda` see the real device."""
+    if "cuda" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def small_net(seed=0, obs_dim=4, act_dim=2):
@@ -285,6 +294,22 @@ def test_torch_rollout_never_reads_a_tensor_on_the_host(backend, monkeypatch):
     else:  # the check can fail: gymnasium's envs need the actions on the host every step
         with pytest.raises(AssertionError, match="host read"):
             collector.collect(net, 0.99, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_rollout_never_synchronises_and_the_users_command_runs(tmp_path):
+    device = torch.device("cuda")
+    collector = ppo.Collector(ppo.TorchCartPole(4096, device), 32, 0, device)
+    net, generator = small_net().to(device), torch.Generator(device=device).manual_seed(0)
+    collector.collect(net, 0.99, generator)  # warm-up: first allocations
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        collector.collect(net, 0.99, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ppo.main(["--device", "cuda", "--episodes", "2", "--no-gif", "--out-dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["env_backend"] == "torch"
 
 
 def test_torch_backend_takes_its_preset_for_flags_not_given():
