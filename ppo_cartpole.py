@@ -867,7 +867,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     ax_loss.legend(loc="upper left")
     ax_diag.set_ylabel("diagnostics")
     ax_diag.set_xlabel("env steps")
-    ax_diag.legend(loc="upper right")
+    ax_diag.legend(loc="best")
     for ax in (ax_ret, ax_loss, ax_diag):
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=90)
