@@ -202,8 +202,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     given = {k: v for k, v in vars(parser.parse_args(argv, namespace=namespace)).items() if v is not unset}
     if given.get("device") == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: must be auto or cpu: CUDA is not available on this machine")
-    backend = resolve_backend(given.get("env_backend", "auto"), given.get("env_id", Config.env_id),
-                              resolve_device(given.get("device", "auto")))
+    backend = given.get("env_backend", "auto")
+    if backend == "auto" and given.get("vectorization_mode", "auto") != "auto":
+        backend = "gymnasium"  # a gymnasium vectorisation mode asks for gymnasium's envs
+    backend = resolve_backend(backend, given.get("env_id", Config.env_id), resolve_device(given.get("device", "auto")))
     config = Config(**((TORCH_PRESET if backend == "torch" else {}) | given | {"env_backend": backend}))
     if backend == "torch":
         _check(parser, config.env_id == "CartPole-v1", "--env-backend",

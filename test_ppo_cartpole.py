@@ -325,6 +325,8 @@ def test_auto_backend_is_torch_on_cuda(monkeypatch):
     assert ppo.parse_args([]).env_backend == "torch"
     assert ppo.parse_args(["--device", "cpu"]).env_backend == "gymnasium"
     assert ppo.parse_args(["--env-id", "Acrobot-v1"]).env_backend == "gymnasium"
+    post = ppo.parse_args(ppo.POST_SETTINGS.split())  # make train-post on a GPU machine
+    assert post.env_backend == "gymnasium" and post.num_envs == 8 and post.buffer_size == 2048
 
 
 @pytest.mark.parametrize("argv, flag", [
