@@ -13,10 +13,12 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -r requirements.txt
 	@touch $@
 
-train: $(STAMP)  ## a full run that stops once solved, with plot and GIF
+train: $(STAMP)  ## a full run that stops once solved, with plot and GIF; replaces runs/train
+	rm -rf runs/train
 	$(PYTHON) ppo_cartpole.py --stop-when-solved --out-dir runs/train
 
-train-post: $(STAMP)  ## the blog post's hyper-parameters (its defects fixed), until solved
+train-post: $(STAMP)  ## the blog post's hyper-parameters (its defects fixed), until solved; replaces runs/train-post
+	rm -rf runs/train-post
 	$(PYTHON) ppo_cartpole.py --vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 \
 		--update-epochs 4 --lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --entropy-coef 0.02 \
 		--entropy-floor 0.001 --clip-value --max-grad-norm 0 --stop-when-solved --out-dir runs/train-post

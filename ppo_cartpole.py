@@ -241,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     chk(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
         f"a folder that can be created or written to ({existing} is "
         f"{'not writable' if existing.is_dir() else 'a file'})")
+    if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
+        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
+        chk(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
     if c.max_grad_norm == 0:
         config = dataclasses.replace(config, max_grad_norm=None)
     if c.eval is None:  # --eval reads the env id from the checkpoint instead

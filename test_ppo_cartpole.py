@@ -149,6 +149,16 @@ def test_out_dir_that_is_a_file_is_a_clean_error(tmp_path, capsys):
         assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
 
 
+def test_out_dir_with_an_earlier_run_is_refused_so_nothing_is_overwritten(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"the only copy of a good policy")
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+    assert (tmp_path / "run" / "best.pt").read_bytes() == b"the only copy of a good policy"
+    ppo.parse_args(["--out-dir", str(tmp_path / "run"), "--eval", str(tmp_path / "run" / "best.pt")])  # eval: fine
+
+
 def test_bad_input_writes_nothing(tmp_path):
     with pytest.raises(SystemExit):
         ppo.main(["--clip-eps", "1.5", "--out-dir", str(tmp_path / "run")])

@@ -11,6 +11,7 @@
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ def torch_stepping(num_envs: int, device: str) -> float:
 def users_command(device: str, out: Path, solve: bool) -> dict:
     """Run the script at its defaults on `device`: 50 iterations, or until solved."""
     run_dir = out / f"env-bench-{device}-{'solve' if solve else '50it'}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own run of an earlier time
     extra = ["--stop-when-solved"] if solve else ["--episodes", "50"]
     launch = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "ppo_cartpole.py"), "--device", device, "--no-plot", "--no-gif",

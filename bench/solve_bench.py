@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_ours(seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"ours-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own run of an earlier time
     command = [sys.executable, str(ROOT / "ppo_cartpole.py"), "--seed", str(seed), "--stop-when-solved",
                "--no-plot", "--no-gif", "--out-dir", str(run_dir), *extra]
     launch = time.perf_counter()
