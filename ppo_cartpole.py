@@ -959,6 +959,42 @@ METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", 
 EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
 
 
+class BestPolicy:
+    """Keeps best.pt, the policy to deploy, and what it took to choose it.
+
+    A candidate is a new best of the EMA of returns that also beats the saved policy's confirmed
+    greedy score. The EMA mixes returns earned by several recent policy versions, so the weights at
+    its peak need not play well themselves (the post saved them unchecked): a candidate is saved
+    only if `confirm_episodes` greedy episodes (run together, on `seed`, apart from training's)
+    score at least as well as the saved policy did. Once a policy has played the maximum, no more
+    time goes into checks. confirm_episodes = 0 is the post's rule: save at every new EMA best.
+    """
+
+    def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
+        self.path, self.env_id, self.confirm_episodes, self.seed, self.config = \
+            Path(path), env_id, confirm_episodes, seed, config
+        self.best_ema = self.confirmed = -math.inf  # confirmed: the saved policy's greedy score
+        self.seconds = 0.0  # spent in greedy checks
+
+    def consider(self, net: ActorCritic, ema: float | None, always: bool = False) -> bool:
+        """ema: the EMA of returns now (None before any episode); always: check net whatever the EMA.
+        Returns whether best.pt was written."""
+        new_best_ema = ema is not None and ema > self.best_ema
+        if new_best_ema:
+            self.best_ema = ema
+        if not (always or new_best_ema and (self.confirm_episodes == 0 or ema > self.confirmed)):
+            return False
+        t0 = time.perf_counter()
+        score = (float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
+                 if self.confirm_episodes else self.best_ema)
+        self.seconds += time.perf_counter() - t0
+        if score < self.confirmed:
+            return False
+        self.confirmed = score
+        save_checkpoint(self.path, net, self.config)
+        return True
+
+
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
             "numpy": np.__version__}
@@ -996,31 +1032,11 @@ def train(config: Config) -> dict:
     optimizer = Adam(net.parameters(), lr=config.lr)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
     tracker = ReturnTracker(config.ema_alpha, target)
-    best_ema, best_confirmed, confirm_seconds, collect_seconds, update_seconds = -math.inf, -math.inf, 0.0, 0.0, 0.0
+    best = BestPolicy(out_dir / "best.pt", config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET,
+                      config_dict)
+    collect_seconds = update_seconds = 0.0
     solved_at_seconds = solved_at_iteration = None
     episodes, metrics, env_steps, interrupted, iteration = [], [], 0, False, 0
-
-    def consider_best(always: bool = False) -> None:
-        """Save best.pt when the EMA of returns reaches a new best and a short greedy run confirms it.
-
-        The EMA mixes returns earned by several recent policy versions, so the weights at its peak
-        need not play well themselves (the post saved them unchecked). A candidate's EMA must also
-        beat the saved policy's confirmed greedy score, so once a policy has played the maximum no
-        more time goes into checks. always: the current weights are a candidate whatever the EMA.
-        """
-        nonlocal best_ema, best_confirmed, confirm_seconds
-        new_best_ema = tracker.ema is not None and tracker.ema > best_ema
-        if new_best_ema:
-            best_ema = tracker.ema
-        if not (always or new_best_ema and (config.confirm_episodes == 0 or tracker.ema > best_confirmed)):
-            return
-        t0 = time.perf_counter()
-        score = (float(evaluate(net, config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET).mean())
-                 if config.confirm_episodes else best_ema)  # 0 confirm episodes: the post's EMA-only rule
-        confirm_seconds += time.perf_counter() - t0
-        if score >= best_confirmed:
-            best_confirmed = score
-            save_checkpoint(out_dir / "best.pt", net, config_dict)
 
     with open(out_dir / "metrics.csv", "w", newline="") as metrics_file, \
             open(out_dir / "episodes.csv", "w", newline="") as episodes_file:
@@ -1064,16 +1080,16 @@ def train(config: Config) -> dict:
                 # returns can run ahead of the greedy one's): check the weights every iteration until
                 # one does, and stop only then.
                 awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
-                                 and best_confirmed < target)
+                                 and best.confirmed < target)
                 if len(ended_returns) or awaiting_best:
-                    consider_best(always=awaiting_best)
+                    best.consider(net, tracker.ema, always=awaiting_best)
 
                 row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
                            steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
                            **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(ended_returns),
                            last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
                            mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-                           best_confirmed_return=best_confirmed)
+                           best_confirmed_return=best.confirmed)
                 metrics.append(row)
                 metrics_csv.writerow(row)
                 metrics_file.flush()
@@ -1081,7 +1097,7 @@ def train(config: Config) -> dict:
                 bar.set_postfix(steps=env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
                                 mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
                 if config.stop_when_solved and tracker.solved_at_step is not None \
-                        and (best_confirmed >= target or not config.confirm_episodes):
+                        and (best.confirmed >= target or not config.confirm_episodes):
                     break
         except KeyboardInterrupt:
             interrupted = True
@@ -1091,8 +1107,8 @@ def train(config: Config) -> dict:
             envs.close()
 
     save_checkpoint(out_dir / "final.pt", net, config_dict)
-    if config.confirm_episodes or not (out_dir / "best.pt").exists():
-        consider_best(always=True)  # the final weights are a candidate too
+    if config.confirm_episodes or not best.path.exists():
+        best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
     best_net, _ = load_agent(out_dir / "best.pt", device)
     eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     if config.plot:
@@ -1103,14 +1119,14 @@ def train(config: Config) -> dict:
     seconds = time.perf_counter() - start
     summary = {
         "solved_at_step": tracker.solved_at_step, "solved_at_seconds": solved_at_seconds,
-        "solved_at_iteration": solved_at_iteration, "best_ema_return": best_ema if episodes else None,
-        "best_confirmed_return": best_confirmed if math.isfinite(best_confirmed) else None,
+        "solved_at_iteration": solved_at_iteration, "best_ema_return": best.best_ema if episodes else None,
+        "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
         "eval_return_mean": float(eval_returns.mean()), "eval_return_std": float(eval_returns.std()),
         "eval_episodes": config.eval_episodes, "env_steps": env_steps, "iterations": len(metrics),
         "episodes": len(episodes), "seconds": seconds, "steps_per_second": env_steps / seconds,
         "collect_seconds": collect_seconds, "update_seconds": update_seconds,
         "collect_steps_per_second": env_steps / collect_seconds if collect_seconds else None,
-        "confirm_seconds": confirm_seconds, "interrupted": interrupted, "out_dir": str(out_dir),
+        "confirm_seconds": best.seconds, "interrupted": interrupted, "out_dir": str(out_dir),
         "device": str(device), "torch_threads": torch.get_num_threads(), "versions": versions(),
         "config": config_dict,
     }

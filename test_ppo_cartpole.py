@@ -848,6 +848,48 @@ def test_evaluate_counts_the_first_episode_of_each_env_once():
 # Train and main
 # ==================================================================================================
 
+def controller(gains):
+    """An ActorCritic whose greedy action is 1 (push right) iff gains . obs > 0: a hand-made policy."""
+    net = small_net()
+    with torch.no_grad():
+        for layer in (net.trunk[0], net.trunk[2], net.policy_head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        net.trunk[0].weight[0], net.trunk[0].weight[1] = torch.tensor(gains), -torch.tensor(gains)  # +/- parts
+        net.trunk[2].weight[0, 0] = net.trunk[2].weight[1, 1] = 1.0
+        net.policy_head.weight[1, :2] = torch.tensor([1.0, -1.0])  # logit_1 - logit_0 = 2 gains . obs
+        net.policy_head.weight[0, :2] = torch.tensor([-1.0, 1.0])
+    return net
+
+
+def test_best_policy_saves_a_candidate_only_if_it_plays_at_least_as_well(tmp_path):
+    # Greedy returns of these hand-made policies over the 20 episodes of seed 3: 46.55, 210.75, 500.
+    weak, fair, good = controller([0, 0, 1, 0]), controller([0, 0, 0, 1]), controller([0.1, 0.5, 1, 1])
+    best = ppo.BestPolicy(tmp_path / "best.pt", "CartPole-v1", 20, seed=3, config={"env_id": "CartPole-v1"})
+
+    def saved_is(net):
+        loaded, _ = ppo.load_agent(tmp_path / "best.pt")
+        return torch.equal(loaded(torch.ones(1, 4))[0], net(torch.ones(1, 4))[0])
+
+    assert best.consider(weak, ema=20) and best.confirmed == pytest.approx(46.55) and saved_is(weak)
+    assert not best.consider(fair, ema=30)  # a new EMA best, but below the saved policy's 46.55: no check
+    assert best.consider(fair, ema=60) and best.confirmed == pytest.approx(210.75) and saved_is(fair)
+    assert not best.consider(weak, ema=300) and saved_is(fair)  # checked: plays 46.55 < 210.75
+    assert not best.consider(good, ema=250)  # not a new EMA best
+    assert best.consider(good, ema=250, always=True) and best.confirmed == 500 and saved_is(good)
+    assert not best.consider(weak, ema=600) and saved_is(good)
+    assert best.seconds > 0
+
+
+def test_best_policy_without_confirmation_is_the_posts_ema_rule(tmp_path):
+    weak, good = controller([0, 0, 1, 0]), controller([0.1, 0.5, 1, 1])
+    best = ppo.BestPolicy(tmp_path / "best.pt", "CartPole-v1", 0, seed=3, config={})
+    assert best.consider(good, ema=100)
+    assert not best.consider(weak, ema=50)  # the EMA fell: no save, whatever the weights
+    assert best.consider(weak, ema=101)  # a new EMA best is saved unchecked, weak or not
+    assert best.seconds < 0.01
+
+
 QUICK = ["--buffer-size", "256", "--num-envs", "4", "--minibatch-size", "32", "--update-epochs", "2",
          "--eval-episodes", "2"]
 
