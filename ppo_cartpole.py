@@ -736,7 +736,7 @@ class ReturnTracker:
     an iteration to end are the failures and the survivors all truncate on the same step, and
     "the last 100" is a biased sample that depends on tie order. So when one iteration ends
     `window` or more episodes, solved means the mean of all of them reaches the target
-    (conservative: short episodes are over-represented in a window); see check_iteration.
+    (conservative: short episodes are over-represented in a window); see add_iteration.
     """
 
     def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
@@ -754,10 +754,20 @@ class ReturnTracker:
                 and self.mean_recent >= self.target_return:
             self.solved_at_step = env_step
 
-    def check_iteration(self, returns: np.ndarray, end_steps: np.ndarray) -> None:
-        """The many-envs rule: an iteration that ended >= window episodes is judged by their mean."""
-        if self.solved_at_step is None and len(returns) >= self.window and returns.mean() >= self.target_return:
+    def add_iteration(self, returns: np.ndarray, end_steps: np.ndarray) -> list[tuple[float, float, float]]:
+        """The episodes that ended in one iteration, by end step (ties by env index): [E] each.
+
+        Below `window` episodes, the last-window rule judges each; from `window` on, the iteration
+        is judged by the mean of all of them. Returns (EMA, mean of recent, success rate) after each.
+        """
+        many = len(returns) >= self.window
+        after_each = []
+        for episode_return, env_step in zip(returns, end_steps):
+            self.add(episode_return, int(env_step), check_solved=not many)
+            after_each.append((self.ema, self.mean_recent, self.success_rate))
+        if many and self.solved_at_step is None and float(np.mean(returns)) >= self.target_return:
             self.solved_at_step = int(end_steps[-1])
+        return after_each
 
     @property
     def mean_recent(self) -> float:
@@ -1065,14 +1075,12 @@ def train(config: Config) -> dict:
 
                 seconds = time.perf_counter() - start
                 ended_returns, ended_lengths, ended_steps = finished_episodes(rollout)
-                for ret, length, end in zip(ended_returns.tolist(), ended_lengths.tolist(),
-                                            (env_steps + ended_steps).tolist()):
-                    tracker.add(ret, end, check_solved=len(ended_returns) < tracker.window)
+                after_each = tracker.add_iteration(ended_returns, env_steps + ended_steps)
+                for ret, length, end, (ema, mean100, success) in zip(
+                        ended_returns.tolist(), ended_lengths.tolist(), (env_steps + ended_steps).tolist(), after_each):
                     episodes.append(dict(env_step=end, seconds=round(seconds, 3), **{"return": ret}, length=length,
-                                         ema_return=tracker.ema, mean100_return=tracker.mean_recent,
-                                         success_rate=tracker.success_rate))
+                                         ema_return=ema, mean100_return=mean100, success_rate=success))
                     episodes_csv.writerow(episodes[-1])
-                tracker.check_iteration(ended_returns, env_steps + ended_steps)
                 env_steps += config.buffer_size
                 if tracker.solved_at_step is not None and solved_at_seconds is None:
                     solved_at_seconds, solved_at_iteration = seconds, iteration

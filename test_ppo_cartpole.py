@@ -349,17 +349,24 @@ def test_torch_backend_misuse_is_a_clean_error(argv, flag, capsys):
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_few_episodes_in_one_iteration_keep_the_last_window_rule():
+    tracker = ppo.ReturnTracker(0.5, target_return=475, window=3)
+    tracker.add_iteration(np.array([475.0, 475.0]), np.array([1, 2]))  # 2 < window: judged one by one
+    after_each = tracker.add_iteration(np.array([475.0, 100.0]), np.array([3, 4]))
+    assert tracker.solved_at_step == 3  # the third episode completes a window at 475
+    assert [round(mean, 2) for _, mean, _ in after_each] == [475, round(1050 / 3, 2)]
+    assert after_each[-1][0] == 0.5 * 100 + 0.5 * 475 and after_each[-1][2] == pytest.approx(2 / 3)
+
+
 def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
     tracker = ppo.ReturnTracker(0.1, target_return=475, window=100)
     # 150 episodes end together: the 90 survivors at 500, sorted last, make "the last 100" read
     # (10 * 400 + 90 * 500) / 100 = 490, solved by the last-100 rule; the mean of all 150,
     # (60 * 400 + 90 * 500) / 150 = 460, is not.
     returns = np.array([400.0] * 60 + [500.0] * 90)
-    for r in returns:
-        tracker.add(r, 10, check_solved=False)
-    tracker.check_iteration(returns, np.full(150, 10))
+    tracker.add_iteration(returns, np.full(150, 10))
     assert tracker.mean_recent == 490 and tracker.solved_at_step is None
-    tracker.check_iteration(np.full(150, 480.0), np.arange(150) + 20)
+    tracker.add_iteration(np.full(150, 480.0), np.arange(150) + 20)
     assert tracker.solved_at_step == 169
 
 
