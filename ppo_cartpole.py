@@ -987,20 +987,24 @@ class BestPolicy:
         self.seconds = 0.0  # spent in greedy checks
 
     def consider(self, net: ActorCritic, ema: float | None, always: bool = False) -> bool:
-        """ema: the EMA of returns now (None before any episode); always: check net whatever the EMA.
-        Returns whether best.pt was written."""
+        """ema: the EMA of returns now (None before any episode); always: check net whatever the EMA
+        (with confirm_episodes = 0, only while nothing is saved). Returns whether best.pt was written."""
         new_best_ema = ema is not None and ema > self.best_ema
         if new_best_ema:
             self.best_ema = ema
-        if not (always or new_best_ema and (self.confirm_episodes == 0 or ema > self.confirmed)):
-            return False
-        t0 = time.perf_counter()
-        score = (float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
-                 if self.confirm_episodes else self.best_ema)
-        self.seconds += time.perf_counter() - t0
-        if score < self.confirmed:
-            return False
-        self.confirmed = score
+        if self.confirm_episodes == 0:  # the post's rule: every new EMA best, unchecked
+            if not (new_best_ema or always and self.confirmed == -math.inf):
+                return False
+            self.confirmed = self.best_ema
+        else:
+            if not (always or new_best_ema and ema > self.confirmed):
+                return False
+            t0 = time.perf_counter()
+            score = float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
+            self.seconds += time.perf_counter() - t0
+            if score < self.confirmed:
+                return False
+            self.confirmed = score
         save_checkpoint(self.path, net, self.config)
         return True
 
@@ -1089,8 +1093,7 @@ def train(config: Config) -> dict:
                 # one does, and stop only then.
                 awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
                                  and best.confirmed < target)
-                if len(ended_returns) or awaiting_best:
-                    best.consider(net, tracker.ema, always=awaiting_best)
+                best.consider(net, tracker.ema, always=awaiting_best)
 
                 row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
                            steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
@@ -1115,8 +1118,7 @@ def train(config: Config) -> dict:
             envs.close()
 
     save_checkpoint(out_dir / "final.pt", net, config_dict)
-    if config.confirm_episodes or not best.path.exists():
-        best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
+    best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
     best_net, _ = load_agent(out_dir / "best.pt", device)
     eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     if config.plot:

@@ -894,7 +894,10 @@ def test_best_policy_without_confirmation_is_the_posts_ema_rule(tmp_path):
     assert best.consider(good, ema=100)
     assert not best.consider(weak, ema=50)  # the EMA fell: no save, whatever the weights
     assert best.consider(weak, ema=101)  # a new EMA best is saved unchecked, weak or not
-    assert best.seconds < 0.01
+    assert not best.consider(good, ema=90, always=True)  # the end-of-run check keeps the EMA's best
+    assert best.seconds == 0
+    fresh = ppo.BestPolicy(tmp_path / "fresh.pt", "CartPole-v1", 0, seed=3, config={})
+    assert fresh.consider(good, ema=None, always=True)  # ... unless nothing was saved at all
 
 
 QUICK = ["--buffer-size", "256", "--num-envs", "4", "--minibatch-size", "32", "--update-epochs", "2",
@@ -944,8 +947,7 @@ def test_without_confirmation_best_pt_is_the_ema_best_not_the_final_weights(tmp_
     out = tmp_path / "run"
     assert ppo.main(QUICK + ["--episodes", "12", "--confirm-episodes", "0", "--no-plot", "--no-gif",
                              "--out-dir", str(out)]) == 0
-    with open(out / "metrics.csv") as f:
-        ema = [float(row["ema_return"]) for row in csv.DictReader(f)]
+    ema = [float(row["ema_return"]) for row in read_csv(out / "metrics.csv")]
     assert np.argmax(ema) < len(ema) - 1  # the EMA peaked before the end in this run...
     best, final = (torch.load(out / name, weights_only=True)["state_dict"] for name in ("best.pt", "final.pt"))
     assert any(not torch.equal(best[k], final[k]) for k in best)  # ...so best.pt is not final.pt
