@@ -241,14 +241,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     chk(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
         f"a folder that can be created or written to ({existing} is "
         f"{'not writable' if existing.is_dir() else 'a file'})")
-    if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
-        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
-        chk(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
     if c.max_grad_norm == 0:
         config = dataclasses.replace(config, max_grad_norm=None)
-    if c.eval is None:  # --eval reads the env id from the checkpoint instead
-        config = dataclasses.replace(config, target_return=_validate_env(parser, config))
+    if c.eval is None:  # training (--eval reads the env id from the checkpoint instead)
+        out_dir = Path(c.out_dir or default_out_dir(c.env_id, c.seed))  # the folder the run will write
+        # Never overwrite a run: its best.pt may be all the user has of it.
+        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
+        chk(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
+        config = dataclasses.replace(config, out_dir=str(out_dir), target_return=_validate_env(parser, config))
     return config
+
+
+def default_out_dir(env_id: str, seed: int) -> str:
+    """A fresh folder per run: runs/<env>__seed<seed>__<date-time>."""
+    return f"runs/{env_id}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1028,7 +1034,7 @@ def train(config: Config) -> dict:
     torch.manual_seed(config.seed)  # network init; sampling and shuffling use `generator`
     generator = torch.Generator(device=device).manual_seed(config.seed)
     target = config.target_return if config.target_return is not None else gym.spec(config.env_id).reward_threshold
-    out_dir = Path(config.out_dir or f"runs/{config.env_id}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(config.out_dir or default_out_dir(config.env_id, config.seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     backend = resolve_backend(config.env_backend, config.env_id, device)
     config_dict = dataclasses.asdict(config) | {"target_return": target, "env_backend": backend}  # effective

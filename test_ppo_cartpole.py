@@ -159,6 +159,18 @@ def test_out_dir_with_an_earlier_run_is_refused_so_nothing_is_overwritten(tmp_pa
     ppo.parse_args(["--out-dir", str(tmp_path / "run"), "--eval", str(tmp_path / "run" / "best.pt")])  # eval: fine
 
 
+def test_default_out_dir_is_the_checked_one_and_an_earlier_run_there_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = ppo.parse_args(["--seed", "7"])
+    assert config.out_dir.startswith("runs/CartPole-v1__seed7__")  # resolved once, used by train
+    Path(config.out_dir).mkdir(parents=True)
+    (Path(config.out_dir) / "summary.json").write_text("{}")  # a run launched in the same second
+    monkeypatch.setattr(ppo, "default_out_dir", lambda env_id, seed: config.out_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--seed", "7"])
+    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+
+
 def test_bad_input_writes_nothing(tmp_path):
     with pytest.raises(SystemExit):
         ppo.main(["--clip-eps", "1.5", "--out-dir", str(tmp_path / "run")])
