@@ -26,6 +26,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def read_episodes(path: Path) -> list[tuple[int, float, float]]:
+    """(env step, seconds in process, return) per training episode, from either runner's CSV."""
+    with open(path) as f:
+        return [(int(r["env_step"]), float(r["seconds"]), float(r["return"])) for r in csv.DictReader(f)]
+
+
 def run_ours(seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"ours-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own run of an earlier time
@@ -35,8 +41,7 @@ def run_ours(seed: int, out: Path, extra: list[str]) -> dict:
     subprocess.run(command, check=True, capture_output=True)
     whole = time.perf_counter() - launch
     s = json.loads((run_dir / "summary.json").read_text())
-    with open(run_dir / "episodes.csv") as f:
-        episodes = [(int(r["env_step"]), float(r["seconds"]), float(r["return"])) for r in csv.DictReader(f)]
+    episodes = read_episodes(run_dir / "episodes.csv")
     return dict(solved_at_step=s["solved_at_step"], whole_seconds=whole if s["solved_at_step"] else None,
                 in_process_seconds=s["solved_at_seconds"], collect_sps=s["collect_steps_per_second"],
                 overall_sps=s["steps_per_second"], eval_return=s["eval_return_mean"], episodes=episodes)
@@ -49,8 +54,7 @@ def run_sb3(seed: int, out: Path) -> dict:
     launch_wall = time.time()
     proc = subprocess.run(command, check=True, capture_output=True, text=True)
     s = json.loads(proc.stdout.strip().splitlines()[-1])
-    with open(episodes_csv) as f:
-        episodes = [(int(r["env_step"]), float(r["seconds"]), float(r["return"])) for r in csv.DictReader(f)]
+    episodes = read_episodes(episodes_csv)
     return dict(solved_at_step=s["solved_at_step"],
                 whole_seconds=s["solved_wall"] - launch_wall if s["solved_wall"] else None,
                 in_process_seconds=s["solved_at_seconds"], collect_sps=s["collect_steps_per_second"],
