@@ -17,11 +17,10 @@ train: $(STAMP)  ## a full run that stops once solved, with plot and GIF; replac
 	rm -rf runs/train
 	$(PYTHON) ppo_cartpole.py --stop-when-solved --out-dir runs/train
 
-train-post: $(STAMP)  ## the blog post's hyper-parameters (its defects fixed), until solved; replaces runs/train-post
+train-post: $(STAMP)  ## the blog post's hyper-parameters (POST_SETTINGS in the script; its defects fixed), until solved
 	rm -rf runs/train-post
-	$(PYTHON) ppo_cartpole.py --vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 \
-		--update-epochs 4 --lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --entropy-coef 0.02 \
-		--entropy-floor 0.001 --clip-value --max-grad-norm 0 --stop-when-solved --out-dir runs/train-post
+	$(PYTHON) ppo_cartpole.py $$($(PYTHON) -c 'import ppo_cartpole; print(ppo_cartpole.POST_SETTINGS)') \
+		--stop-when-solved --out-dir runs/train-post
 
 test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q

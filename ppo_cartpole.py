@@ -1,10 +1,13 @@
 """PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
 
-One file, read top to bottom in the order the algorithm runs:
+One file in two parts. The algorithm, top to bottom in the order it runs:
 
-    config -> environments -> CartPole in torch -> model -> rollout -> advantages (GAE) -> losses
-    -> schedules -> optimiser -> update -> tracking and checkpoints -> plot -> GIF -> evaluation
-    -> train -> main
+    config -> environments -> model -> rollout -> advantages (GAE) -> losses -> PPO update
+    -> the training loop
+
+and, after a banner, what is around it: settings (presets, flags, validation), CartPole in torch,
+checkpoints, the best policy, the run log, plot, GIF, evaluation and main. A reader who stops at
+the banner has read all of PPO.
 
 Every function takes what it needs as arguments and returns what it made, so any piece can be
 copied into another project alone. Shapes: T = steps per env per rollout, N = number of envs,
@@ -19,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -28,6 +32,7 @@ import platform
 import sys
 import tempfile
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,225 +48,66 @@ import torch.nn.functional as F
 # ==================================================================================================
 
 
+def option(default, help: str, **flag):
+    """A Config field and its command-line flag in one place: `build_parser` makes the flag from
+    the field's name, type, default and this help text (plus argparse keywords such as choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run. Field names are the flags' names (`--num-envs` -> `num_envs`)."""
+    """Every setting of a run. Each field is a flag of the same name: `num_envs` <-> `--num-envs`.
 
-    env_id: str = "CartPole-v1"  # any gymnasium env with Discrete actions and a flat Box observation
-    env_backend: str = "auto"  # gymnasium | torch (TorchCartPole) | auto: torch on CUDA for CartPole-v1
-    vectorization_mode: str = "auto"  # auto = the env's native vector env if any; sync = SyncVectorEnv (post)
-    episodes: int = 2000  # rollout+update iterations (the post calls one an "episode")
-    num_envs: int = 32  # N parallel envs (post: 8)
-    buffer_size: int = 1024  # transitions per rollout over all envs: T = buffer_size / num_envs (post: 2048)
-    minibatch_size: int = 256  # post: 64; each minibatch step costs ~1 ms whatever its size
-    update_epochs: int = 4  # K passes over each rollout
-    clip_eps: float = 0.2  # PPO's epsilon in L^CLIP
-    lr: float = 3e-3  # post: 1e-4 (README: measured against 1e-4 to 5e-3)
-    anneal_lr: bool = True  # linear decay of lr to 0 over the run: keeps a long run at 500 (post: off)
-    gamma: float = 0.98  # post: 0.99; 0.98 and 0.8 are rl-baselines3-zoo's CartPole values
-    gae_lambda: float = 0.8  # post: 0.95
-    entropy_coef: float = 0.0  # initial entropy bonus, annealed linearly ... (post: 0.02)
-    entropy_floor: float = 0.0  # ... down to this floor (post: 0.001)
-    value_coef: float = 0.5
-    clip_value: bool = False  # clip the value update (post: on; it slows learning, README)
-    value_clip_eps: float | None = None  # range of the value clip; None = same as clip_eps (post)
-    target_kl: float | None = None  # stop this update once a minibatch's approx KL exceeds it
-    max_grad_norm: float | None = 0.5  # post: no gradient clipping
-    ema_alpha: float = 0.1  # weight of the newest episode in the EMA of returns
-    target_return: float | None = None  # None = the env's reward_threshold (475 for CartPole-v1)
-    stop_when_solved: bool = False
-    confirm_episodes: int = 50  # greedy episodes, run together, that confirm a best.pt candidate (0 = none)
-    seed: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 1  # torch CPU threads; 1 ran as fast as 2 here, and keeps runs identical across machines
-    out_dir: str | None = None  # None = a fresh runs/<env>__<seed>__<time> folder
-    plot: bool = True
-    gif: bool = True
-    eval: str | None = None  # evaluate this checkpoint instead of training
-    eval_episodes: int = 10
-
-
-# With TorchCartPole on a GPU, thousands of envs cost little more than eight, and the post's
-# 64-sample minibatches would take thousands of optimizer steps per rollout. These settings apply
-# to the flags the user did not give whenever the torch backend is in use (README, "torch backend").
-TORCH_PRESET = {"num_envs": 1024, "buffer_size": 32768, "minibatch_size": 4096, "update_epochs": 4, "lr": 3e-3}
-
-# The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
-# (with its defects fixed). README, "Flags", says what each of our defaults gained.
-POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
-                 "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --entropy-coef 0.02 "
-                 "--entropy-floor 0.001 --clip-value --max-grad-norm 0")
-
-
-def _check(parser, ok, flag, allowed):
-    if not ok:
-        parser.error(f"argument {flag}: must be {allowed}")
-
-
-def _validate_env(parser, config):
-    """Make the env once to check the things PPO here relies on; returns the target return."""
-    try:
-        spec = gym.spec(config.env_id)
-        env = gym.make(config.env_id)
-    except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
-        parser.error(f"argument --env-id: cannot make {config.env_id!r}: {exc}")
-    action_space, observation_space = env.action_space, env.observation_space
-    env.close()
-    _check(parser, isinstance(action_space, gym.spaces.Discrete), "--env-id",
-           f"an env with a Discrete action space ({config.env_id} has {action_space})")
-    _check(parser, isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
-           "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
-    _check(parser, config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
-           "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
-    if config.target_return is not None:
-        return config.target_return
-    _check(parser, spec.reward_threshold is not None, "--target-return",
-           f"given for {config.env_id}, which has no reward_threshold")
-    return float(spec.reward_threshold)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = Config()
-    p = argparse.ArgumentParser(
-        description="PPO for gymnasium's CartPole-v1, in one readable file.",
-        epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--env-id", default=d.env_id, help="gymnasium env id")
-    p.add_argument("--env-backend", default=d.env_backend, choices=["auto", "gymnasium", "torch"],
-                   help="torch = TorchCartPole, CartPole-v1 stepped in torch on --device; "
-                        "auto = torch on CUDA for CartPole-v1, else gymnasium")
-    p.add_argument("--vectorization-mode", default=d.vectorization_mode,
-                   choices=["auto", "sync", "vector_entry_point"],
-                   help="vector_entry_point = the env's native vector env (CartPole has one); "
-                        "sync = SyncVectorEnv (the post); auto = the first if the env has one")
-    p.add_argument("--episodes", "--iterations", type=int, default=d.episodes,
-                   help="rollout+update iterations (the post's 'episodes')")
-    t = TORCH_PRESET
-    p.add_argument("--num-envs", type=int, default=d.num_envs,
-                   help=f"parallel envs N; torch backend: {t['num_envs']}")
-    p.add_argument("--buffer-size", type=int, default=d.buffer_size,
-                   help=f"transitions per rollout over all envs (T = buffer-size / num-envs); "
-                        f"torch backend: {t['buffer_size']}")
-    p.add_argument("--minibatch-size", type=int, default=d.minibatch_size,
-                   help=f"torch backend: {t['minibatch_size']}")
-    p.add_argument("--update-epochs", type=int, default=d.update_epochs,
-                   help=f"K epochs per update; torch backend: {t['update_epochs']}")
-    p.add_argument("--clip-eps", type=float, default=d.clip_eps, help="epsilon of L^CLIP")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (post: 1e-4); torch backend: {t['lr']}")
-    p.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=d.anneal_lr,
-                   help="linear lr decay to 0")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="discount")
-    p.add_argument("--gae-lambda", type=float, default=d.gae_lambda, help="GAE lambda")
-    p.add_argument("--entropy-coef", type=float, default=d.entropy_coef, help="initial entropy bonus")
-    p.add_argument("--entropy-floor", type=float, default=d.entropy_floor,
-                   help="lowest entropy bonus of the linear annealing")
-    p.add_argument("--value-coef", type=float, default=d.value_coef, help="value loss weight")
-    p.add_argument("--clip-value", action=argparse.BooleanOptionalAction, default=d.clip_value,
-                   help="clip the value update (the post does)")
-    p.add_argument("--value-clip-eps", type=float, default=d.value_clip_eps,
-                   help="range of the value clip (default: --clip-eps, as the post)")
-    p.add_argument("--target-kl", type=float, default=d.target_kl,
-                   help="end an update once a minibatch's approx KL exceeds this (default: off)")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
-                   help="gradient norm clip (0 = off; the post has none)")
-    p.add_argument("--ema-alpha", type=float, default=d.ema_alpha, help="EMA weight of a new return")
-    p.add_argument("--target-return", type=float, default=d.target_return,
-                   help="'solved' bar for the mean of the last 100 returns (default: env's reward_threshold)")
-    p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction, default=d.stop_when_solved,
-                   help="end training once solved and a best.pt candidate has played the target greedily")
-    p.add_argument("--confirm-episodes", type=int, default=d.confirm_episodes,
-                   help="greedy episodes that confirm a best.pt candidate (0 = save on EMA alone)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
-    p.add_argument("--out-dir", default=d.out_dir, help="run folder (default: a fresh runs/... folder)")
-    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=d.plot,
-                   help="write training.png")
-    p.add_argument("--gif", action=argparse.BooleanOptionalAction, default=d.gif, help="write agent.gif")
-    p.add_argument("--eval", metavar="CHECKPOINT", default=d.eval,
-                   help="evaluate a checkpoint greedily (and write its GIF) instead of training")
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
-    return p
-
-
-def resolve_backend(name: str, env_id: str, device: torch.device) -> str:
-    """"auto" -> "torch" on CUDA for CartPole-v1 (where the env on the device pays), else "gymnasium"."""
-    if name == "auto":
-        return "torch" if device.type == "cuda" and env_id == "CartPole-v1" else "gymnasium"
-    return name
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a validated Config. A bad value exits with status 2 and one `error:` line.
-
-    With the torch backend, TORCH_PRESET fills the flags the user did not give.
+    A None is filled in by `resolve` for the run: the backend's sizes, the env's target return,
+    a fresh run folder. README, "Flags", has the post's value of each and why ours differs.
     """
-    parser = build_parser()
-    unset = object()  # argparse leaves alone what the namespace already has: this marks "not given"
-    namespace = argparse.Namespace(**{field.name: unset for field in dataclasses.fields(Config)})
-    given = {k: v for k, v in vars(parser.parse_args(argv, namespace=namespace)).items() if v is not unset}
-    if given.get("device") == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: must be auto or cpu: CUDA is not available on this machine")
-    backend = given.get("env_backend", "auto")
-    if backend == "auto" and given.get("vectorization_mode", "auto") != "auto":
-        backend = "gymnasium"  # a gymnasium vectorisation mode asks for gymnasium's envs
-    backend = resolve_backend(backend, given.get("env_id", Config.env_id), resolve_device(given.get("device", "auto")))
-    config = Config(**((TORCH_PRESET if backend == "torch" else {}) | given | {"env_backend": backend}))
-    if backend == "torch":
-        _check(parser, config.env_id == "CartPole-v1", "--env-backend",
-               f"gymnasium or auto for {config.env_id}: the torch backend is CartPole-v1 only")
-        _check(parser, given.get("vectorization_mode", "auto") == "auto", "--vectorization-mode",
-               "left out with --env-backend torch, which steps its own vectorised CartPole")
-    c, chk = config, lambda ok, flag, allowed: _check(parser, ok, flag, allowed)
-    chk(c.episodes > 0, "--episodes", "a positive integer")
-    chk(c.num_envs > 0, "--num-envs", "a positive integer")
-    chk(c.buffer_size > 0, "--buffer-size", "a positive integer")
-    chk(c.buffer_size % c.num_envs == 0, "--buffer-size",
-        f"a multiple of --num-envs ({c.num_envs}), got {c.buffer_size}")
-    chk(c.minibatch_size > 0, "--minibatch-size", "a positive integer")
-    chk(c.minibatch_size <= c.buffer_size, "--minibatch-size",
-        f"at most --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
-    chk(c.update_epochs > 0, "--update-epochs", "a positive integer")
-    chk(0 < c.clip_eps < 1, "--clip-eps", f"in (0, 1), got {c.clip_eps}")
-    chk(c.value_clip_eps is None or c.value_clip_eps > 0, "--value-clip-eps", "positive")
-    chk(c.lr > 0 and math.isfinite(c.lr), "--lr", f"a positive number, got {c.lr}")
-    chk(0 <= c.gamma <= 1, "--gamma", f"in [0, 1], got {c.gamma}")
-    chk(0 <= c.gae_lambda <= 1, "--gae-lambda", f"in [0, 1], got {c.gae_lambda}")
-    chk(c.entropy_coef >= 0, "--entropy-coef", "non-negative (>= 0)")
-    chk(c.entropy_floor >= 0, "--entropy-floor", "non-negative (>= 0)")
-    chk(c.value_coef >= 0, "--value-coef", "non-negative (>= 0)")
-    chk(c.target_kl is None or c.target_kl > 0, "--target-kl", "positive")
-    chk(c.max_grad_norm is None or c.max_grad_norm >= 0, "--max-grad-norm", "non-negative (>= 0)")
-    chk(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
-    chk(c.confirm_episodes >= 0, "--confirm-episodes", "non-negative (>= 0)")
-    chk(c.threads > 0, "--threads", "a positive integer")
-    chk(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
-    out_dir = Path(c.out_dir or "runs")
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." always exists
-    chk(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
-        f"a folder that can be created or written to ({existing} is "
-        f"{'not writable' if existing.is_dir() else 'a file'})")
-    if c.max_grad_norm == 0:
-        config = dataclasses.replace(config, max_grad_norm=None)
-    if c.eval is None:  # training (--eval reads the env id from the checkpoint instead)
-        out_dir = Path(c.out_dir or default_out_dir(c.env_id, c.seed))  # the folder the run will write
-        # Never overwrite a run: its best.pt may be all the user has of it.
-        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
-        chk(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
-        config = dataclasses.replace(config, out_dir=str(out_dir), target_return=_validate_env(parser, config))
-    return config
 
-
-def default_out_dir(env_id: str, seed: int) -> str:
-    """A fresh folder per run: runs/<env>__seed<seed>__<date-time>."""
-    return f"runs/{env_id}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    # Environments
+    env_id: str = option("CartPole-v1", "gymnasium env id: Discrete actions, a flat Box observation")
+    env_backend: str = option("auto", "torch = TorchCartPole, CartPole-v1 stepped in torch on --device; "
+                              "auto = torch on CUDA for CartPole-v1, else gymnasium",
+                              choices=("auto", "gymnasium", "torch"))
+    vectorization_mode: str = option("auto", "vector_entry_point = the env's native vector env (CartPole "
+                                     "has one); sync = SyncVectorEnv; auto = the first if the env has one",
+                                     choices=("auto", "sync", "vector_entry_point"))
+    num_envs: int | None = option(None, "N parallel envs (default: 32; torch backend: 1024)")
+    # Rollout and update
+    num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
+                                 aliases=("--episodes", "--iterations"), metavar="N")
+    buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / "
+                                     "num-envs (default: 1024; torch backend: 32768)")
+    minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 4096)")
+    update_epochs: int = option(4, "K passes over each rollout")
+    lr: float = option(3e-3, "Adam learning rate")
+    anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
+    gamma: float = option(0.98, "discount")
+    gae_lambda: float = option(0.8, "GAE lambda")
+    # Losses
+    clip_eps: float = option(0.2, "epsilon of the clipped surrogate L^CLIP")
+    value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old "
+                                          "(default: off; the post: 0.2)")
+    value_coef: float = option(0.5, "weight of the value loss")
+    entropy_coef: float = option(0.0, "entropy bonus at the start, annealed linearly ...")
+    entropy_floor: float = option(0.0, "... down to this floor")
+    max_grad_norm: float | None = option(0.5, "clip the gradient's global norm to this (0 = off)")
+    target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)")
+    # Tracking
+    ema_alpha: float = option(0.1, "weight of the newest episode in the EMA of returns")
+    target_return: float | None = option(None, "'solved' bar for the mean of the last 100 returns "
+                                         "(default: the env's reward_threshold, 475 for CartPole-v1)")
+    stop_when_solved: bool = option(False, "end training once solved and a best.pt candidate has "
+                                    "played the target greedily")
+    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate (0 = save on the EMA alone)")
+    # The run
+    seed: int = option(1, "seeds the network, the envs, sampling and shuffling")
+    device: str = option("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
+    threads: int = option(1, "torch CPU threads")
+    out_dir: str | None = option(None, "run folder (default: a fresh runs/<env>__seed<seed>__<time>)")
+    plot: bool = option(True, "write training.png")
+    gif: bool = option(True, "write agent.gif")
+    eval: str | None = option(None, "evaluate this checkpoint greedily (and write its GIF) instead of training",
+                              metavar="CHECKPOINT")
+    eval_episodes: int = option(10, "greedy episodes of the final evaluation")
 
 
 # ==================================================================================================
@@ -269,17 +115,23 @@ def resolve_device(name: str) -> torch.device:
 # ==================================================================================================
 
 
-def make_envs(env_id: str, num_envs: int, vectorization_mode: str = "auto", **env_kwargs) -> gym.vector.VectorEnv:
-    """N copies of env_id in one vector env: "sync" (SyncVectorEnv), "vector_entry_point" (the env's
-    own vectorised implementation: CartPole's steps all envs in numpy at once) or "auto" (the
-    latter when the env has one).
+def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "gymnasium",
+              vectorization_mode: str = "auto", **env_kwargs):
+    """N envs stepped together, torch tensors in and out: `reset(seed) -> (obs [N, D], info)`,
+    `step(actions [N]) -> (obs [N, D], rewards [N], terminated [N], truncated [N], info)`.
 
-    Both modes use gymnasium >= 1.0's default *next-step* autoreset: the step after an episode
-    ends ignores the action and returns the reset observation with reward 0. That step is not
-    experience; the collector marks it invalid (the trap CleanRL's users hit on gymnasium 1.x).
+    backend "gymnasium": gymnasium.make_vec, "sync" (SyncVectorEnv) or "vector_entry_point" (the
+    env's own vectorised implementation: CartPole's steps all envs in numpy at once), "auto" = the
+    latter when the env has one. backend "torch": TorchCartPole on `device` (CartPole-v1 only).
+
+    Both use gymnasium >= 1.0's *next-step* autoreset: the step after an episode ends ignores the
+    action and returns the reset observation with reward 0. That step is not experience; the
+    collector marks it invalid (the trap CleanRL's users hit on gymnasium 1.x).
     """
+    if backend == "torch":
+        return TorchCartPole(num_envs, device, **env_kwargs)
     mode = None if vectorization_mode == "auto" else vectorization_mode  # None: gymnasium picks as "auto"
-    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs)
+    return NumpyToTorch(gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs), device)
 
 
 class NumpyToTorch:
@@ -303,12 +155,519 @@ class NumpyToTorch:
         return self._tensor(obs, torch.float32), info
 
     def step(self, actions: torch.Tensor):
-        obs, reward, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
-        return (self._tensor(obs, torch.float32), self._tensor(reward, torch.float32),
+        obs, rewards, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
+        return (self._tensor(obs, torch.float32), self._tensor(rewards, torch.float32),
                 self._tensor(terminated), self._tensor(truncated), info)
 
     def close(self) -> None:
         self.envs.close()
+
+
+# ==================================================================================================
+# Model
+# ==================================================================================================
+
+
+def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
+    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
+        super().__init__()
+        # Plain ints, not numpy's: they go into checkpoints, which torch.load(weights_only=True) reads.
+        self.obs_dim, self.act_dim, self.hidden = int(obs_dim), int(act_dim), int(hidden)
+        self.trunk = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden), math.sqrt(2)), nn.ReLU(),
+            layer_init(nn.Linear(hidden, hidden), math.sqrt(2)), nn.ReLU())
+        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # near-uniform first policy
+        self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [B, D] -> (logits [B, A], values [B])."""
+        features = self.trunk(obs)
+        return self.policy_head(features), self.value_head(features).squeeze(-1)
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
+    """logits [B, A] -> (actions [B] int64, logprobs [B]).
+
+    Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), the same
+    distribution as torch.distributions.Categorical. Not Categorical, for two reasons: its
+    `sample` cannot take our `generator` (sampling would draw from torch's global RNG), and
+    building one validates its arguments, which reads a tensor on the host: on a GPU, a wait for
+    the device at every step.
+    """
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+    return actions, logprobs_of(logits, actions)
+
+
+def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s): logits [B, A], actions [B] -> [B]."""
+    return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits): [B, A] -> [B]."""
+    logprobs = F.log_softmax(logits, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+# ==================================================================================================
+# Rollout
+# ==================================================================================================
+
+
+@dataclass
+class Rollout:
+    """One rollout, stored [T, N] (time, env): GAE runs along time, per env.
+
+    The post's flat list interleaved the envs, so its GAE mixed them up.
+    """
+
+    obs: torch.Tensor  # [T, N, D]
+    actions: torch.Tensor  # [T, N]
+    logprobs: torch.Tensor  # [T, N]  log pi_old(a|s)
+    rewards: torch.Tensor  # [T, N]  with gamma * V(final obs) added on truncation
+    values: torch.Tensor  # [T, N]  V_old(s)
+    dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
+    valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
+    last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
+    ended_returns: torch.Tensor  # [T, N]  true (undiscounted) return of the episode that ended at
+    ended_lengths: torch.Tensor  # [T, N]  step t, and its length; meaningful where dones[t] = 1
+
+
+class Collector:
+    """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
+
+    envs: torch tensors in and out (see make_envs). The env state persists across rollouts: the
+    post reset every env at the start of every rollout, capping episodes at T = 256 steps, so
+    CartPole-v1's 500 was unreachable. Nothing in `collect` reads a tensor on the host, so on a
+    GPU with TorchCartPole the rollout never synchronises. The tensors are reused: a Rollout is
+    valid until the next `collect`.
+    """
+
+    def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
+        self.envs = envs
+        shape = (num_steps, envs.num_envs)  # [T, N]
+        self.obs = torch.zeros(shape + envs.single_observation_space.shape, device=device)
+        self.actions = torch.zeros(shape, dtype=torch.long, device=device)
+        (self.logprobs, self.values, self.rewards, self.dones, self.valid, self.truncated_only,
+         self.ended_returns, self.ended_lengths) = torch.zeros((8, *shape), device=device)
+        self.next_obs, _ = envs.reset(seed=seed)  # the only reset: autoreset does the rest
+        self.prev_done = torch.zeros(envs.num_envs, device=device)  # did the episode end on the previous step?
+        self.episode_return = torch.zeros(envs.num_envs, device=device)
+        self.episode_length = torch.zeros(envs.num_envs, device=device)
+
+    @torch.inference_mode()
+    def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
+        for t in range(self.rewards.shape[0]):
+            obs = self.next_obs
+            logits, values = net(obs)
+            actions, logprobs = sample_actions(logits, generator)
+            self.next_obs, rewards, terminated, truncated, _ = self.envs.step(actions)
+
+            self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, actions, logprobs, values
+            # Next-step autoreset: if the episode ended on the previous step, this step only reset
+            # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
+            self.valid[t] = 1.0 - self.prev_done
+            done = (terminated | truncated).float()
+            self.rewards[t], self.dones[t] = rewards, done
+            # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
+            self.truncated_only[t] = (truncated & ~terminated).float()
+
+            self.episode_return += rewards
+            self.episode_length += self.valid[t]
+            self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
+            self.episode_return *= 1.0 - done
+            self.episode_length *= 1.0 - done
+            self.prev_done = done
+
+        last_value = net(self.next_obs)[1]
+        # In next-step mode the obs returned at an episode's last step is its true final obs, so
+        # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
+        # (The post treated the time limit as termination.)
+        next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
+        self.rewards += gamma * next_values * self.truncated_only
+        return Rollout(
+            obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
+            values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
+            ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
+
+
+# ==================================================================================================
+# Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12)
+# ==================================================================================================
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                last_value: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation along time, vectorised over envs.
+
+    rewards, values, dones: [T, N]; last_value: [N] (each env its own bootstrap: the post averaged
+    one over all envs). dones[t] = 1 iff the episode ended at step t, which cuts both the bootstrap
+    and the recursion there. Returns (advantages [T, N], returns [T, N] = advantages + values).
+    """
+    advantages = torch.zeros_like(rewards)
+    gae = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(rewards.shape[0])):
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * not_done - values[t]  # TD error, eq. (12)
+        gae = delta + gamma * lam * not_done * gae  # eq. (11), as a recursion
+        advantages[t] = gae
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+
+
+def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                           clip_eps: float) -> torch.Tensor:
+    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B].
+
+    The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0
+    at 1-eps, and those clipped samples contribute no gradient.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip_eps: float | None) -> torch.Tensor:
+    """0.5 * mean((v - R)^2); with clip_eps, the post's clipped form (eq. 9's L^VF, clipped as in
+    the baselines code): 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)),
+    v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B].
+    """
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        return 0.5 * unclipped.mean()
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi) estimated as mean((r - 1) - log r), r = pi/pi_old, on samples from pi_old.
+
+    The "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020): unbiased, never
+    negative, lower variance than mean(-log r). CleanRL and SB3 log the same.
+    """
+    log_ratio = logprobs - old_logprobs
+    return (torch.exp(log_ratio) - 1 - log_ratio).mean()
+
+
+# ==================================================================================================
+# PPO update
+# ==================================================================================================
+
+
+def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
+    """Linear decay from lr towards 0 when annealing, else constant."""
+    return lr * (1 - iteration / num_iterations) if anneal else lr
+
+
+def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
+    """The post's annealing: explore early, exploit late."""
+    return max(floor, initial * (1 - iteration / num_iterations))
+
+
+def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
+               minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
+               entropy_coef: float, value_coef: float, max_grad_norm: float | None = None,
+               target_kl: float | None = None, generator: torch.Generator | None = None) -> dict:
+    """K epochs of shuffled minibatch SGD on the valid steps of one rollout, actor and critic
+    together through the shared trunk (paper, section 5, Algorithm 1).
+
+    advantages, returns: [T, N] from compute_gae. value_clip_eps None = no value clip.
+    target_kl: once a minibatch's approx KL (before its step) exceeds it, that step is skipped and
+    the rest of this update ends. Returns the means over the minibatches run of the losses,
+    entropy, approx KL and clip fraction; the explained variance of V_old; epochs completed and
+    minibatches run.
+    """
+    valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
+    b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
+    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
+        x.flatten()[valid_idx] for x in
+        (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
+    # Normalised once over the whole batch, not per minibatch (CleanRL, SB3): every minibatch then
+    # weighs its samples on one scale, and no small minibatch's own noisy mean and std rescale it.
+    b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+
+    batch_size = len(valid_idx)
+    num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
+    # Sums kept as tensors on the device: an .item() per minibatch would make a GPU wait each time.
+    totals = torch.zeros(5, device=b_obs.device)  # policy loss, value loss, entropy, approx KL, clip fraction
+    minibatches = epochs = 0
+    kl_stop = False
+    for _ in range(update_epochs):
+        permutation = torch.randperm(batch_size, device=b_obs.device, generator=generator)
+        for mb_inds in torch.tensor_split(permutation, num_minibatches):
+            logits, values = net(b_obs[mb_inds])
+            logprobs = logprobs_of(logits, b_actions[mb_inds])
+            kl = approx_kl(logprobs, b_logprobs[mb_inds])
+            if target_kl is not None and kl.item() > target_kl:
+                kl_stop = True  # this step would push the policy too far from pi_old: skip it
+                break
+            policy_loss = clipped_surrogate_loss(logprobs, b_logprobs[mb_inds], b_advantages[mb_inds], clip_eps)
+            v_loss = value_loss(values, b_values[mb_inds], b_returns[mb_inds], value_clip_eps)
+            entropy = entropy_of(logits).mean()
+            loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
+
+            optimizer.zero_grad()
+            loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+            optimizer.step()
+
+            with torch.no_grad():
+                clip_fraction = ((torch.exp(logprobs - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
+                totals += torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction])
+            minibatches += 1
+        if kl_stop:
+            break  # ends the rest of *this* update; the next rollout updates again
+        epochs += 1
+    means = [total / max(minibatches, 1) for total in totals.tolist()]  # read on the host once, here
+    stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
+    stats.update(explained_variance=explained_variance(b_values, b_returns), epochs=epochs, minibatches=minibatches)
+    return stats
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target): 1 = perfect critic, <= 0 = no better than a constant."""
+    var_target = target.var()
+    return float("nan") if var_target == 0 else float(1 - (target - predicted).var() / var_target)
+
+
+# ==================================================================================================
+# The training loop
+# ==================================================================================================
+
+
+def train(config: Config) -> dict:
+    """Train PPO as configured, write the run folder, return the summary (also summary.json).
+
+    Ctrl-C ends the loop early; the metrics, final.pt, the plot and the summary are still written
+    and the summary says "interrupted": true.
+    """
+    config = resolve(config)
+    device = torch.device(config.device)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # network init; sampling and shuffling use `generator`
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    envs = make_envs(config.env_id, config.num_envs, device, config.env_backend, config.vectorization_mode)
+    net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
+    log = RunLog(config)
+    try:
+        for iteration in log.iterations():
+            lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            entropy_coef = entropy_coef_at(iteration, config.num_iterations, config.entropy_coef, config.entropy_floor)
+            # 1. Collect: N envs x T steps with the current policy, pi_old.
+            with log.timed("collect"):
+                rollout = collector.collect(net, config.gamma, generator)
+            with log.timed("update"):
+                # 2. Advantages: GAE along time, per env.
+                advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones,
+                                                  rollout.last_value, config.gamma, config.gae_lambda)
+                # 3. Update: K epochs of minibatch SGD on the clipped surrogate, value loss and entropy.
+                stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
+                                   minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
+                                   value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef,
+                                   value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
+                                   target_kl=config.target_kl, generator=generator)
+            # 4. Log: episodes, metrics, best.pt; the run log says when a --stop-when-solved run is done.
+            if log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=entropy_coef):
+                break
+    except KeyboardInterrupt:
+        log.interrupted = True
+        print("\ninterrupted: writing final.pt, metrics, plot and summary", file=sys.stderr)
+    finally:
+        envs.close()
+    return log.finish(net)
+
+
+# ##################################################################################################
+#
+#   Around the algorithm. PPO ends above. What follows is the machinery of a run: settings (the
+#   backends' sizes, the post's settings, flags and their validation), CartPole in torch,
+#   checkpoints, the choice of best.pt, the run log, plot, GIF, evaluation and main.
+#
+# ##################################################################################################
+
+
+# ==================================================================================================
+# Settings: backend sizes, resolve, flags, validation
+# ==================================================================================================
+
+# The sizes a backend runs at unless given. With TorchCartPole on a GPU, thousands of envs cost
+# little more than eight, and 256-sample minibatches would mean hundreds of optimizer steps per
+# rollout (README, "The torch backend").
+BACKEND_SIZES = {
+    "gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
+    "torch": {"num_envs": 1024, "buffer_size": 32768, "minibatch_size": 4096},
+}
+
+# The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
+# (with its defects fixed). README, "Flags", says what each of our defaults gained.
+POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
+                 "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --entropy-coef 0.02 "
+                 "--entropy-floor 0.001 --value-clip-eps 0.2 --max-grad-norm 0")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def default_out_dir(env_id: str, seed: int) -> str:
+    """A fresh folder per run: runs/<env>__seed<seed>__<date-time>."""
+    return f"runs/{env_id}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve(config: Config) -> Config:
+    """The Config a run uses, every derived value settled in this one place (parse_args and train
+    both call it; a resolved Config comes back unchanged):
+
+    device "auto" -> cuda or cpu; env_backend "auto" -> torch on CUDA for CartPole-v1 unless a
+    gymnasium vectorisation mode is asked for, else gymnasium; the backend's sizes where None;
+    max_grad_norm 0 -> None (off). Training only: target_return None -> the env's reward_threshold
+    (None if it has none), out_dir None -> a fresh runs/... folder.
+    """
+    device = resolve_device(config.device)
+    backend = config.env_backend
+    if backend == "auto":
+        on_device = device.type == "cuda" and config.env_id == "CartPole-v1" and config.vectorization_mode == "auto"
+        backend = "torch" if on_device else "gymnasium"
+    sizes = {name: value for name, value in BACKEND_SIZES[backend].items() if getattr(config, name) is None}
+    resolved = dataclasses.replace(config, device=device.type, env_backend=backend, **sizes,
+                                   max_grad_norm=config.max_grad_norm or None)
+    if config.eval is not None:  # --eval reads the env from the checkpoint and writes beside it
+        return resolved
+    target_return = config.target_return
+    if target_return is None:
+        target_return = gym.spec(config.env_id).reward_threshold
+    return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return),
+                               out_dir=config.out_dir or default_out_dir(config.env_id, config.seed))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field, named after it (`num_envs` -> `--num-envs`), with its help and
+    default; a bool field gets --flag / --no-flag."""
+    parser = argparse.ArgumentParser(
+        description="PPO for gymnasium's CartPole-v1, in one readable file.",
+        epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
+    types = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        flag = dict(field.metadata)
+        names = ["--" + field.name.replace("_", "-"), *flag.pop("aliases", ())]
+        kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
+        if field.default is not None:
+            flag["help"] += f" (default: {field.default})"
+        if kind is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default, **flag)
+        else:
+            parser.add_argument(*names, type=kind, default=field.default, **flag)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """argv -> a resolved, validated Config. A bad value exits with status 2 and one `error:` line
+    (after argparse's usage line) naming the flag and what it allows."""
+    parser = build_parser()
+    config = Config(**vars(parser.parse_args(argv)))
+    if config.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: must be auto or cpu: CUDA is not available on this machine")
+    if config.eval is None:
+        check_env(parser, config)  # before resolve, which reads the env's spec
+    config = resolve(config)
+    check_config(parser, config)
+    return config
+
+
+def require(parser: argparse.ArgumentParser, ok: bool, flag: str, allowed: str) -> None:
+    """Exit with `error: argument FLAG: must be ALLOWED` unless ok."""
+    if not ok:
+        parser.error(f"argument {flag}: must be {allowed}")
+
+
+def check_env(parser: argparse.ArgumentParser, config: Config) -> None:
+    """Make the env once to check what PPO here relies on."""
+    try:
+        spec = gym.spec(config.env_id)
+        env = gym.make(config.env_id)
+    except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
+        parser.error(f"argument --env-id: cannot make {config.env_id!r}: {exc}")
+    action_space, observation_space = env.action_space, env.observation_space
+    env.close()
+    require(parser, isinstance(action_space, gym.spaces.Discrete), "--env-id",
+            f"an env with a Discrete action space ({config.env_id} has {action_space})")
+    require(parser, isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
+            "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
+    require(parser, config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
+            "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
+    require(parser, config.target_return is not None or spec.reward_threshold is not None, "--target-return",
+            f"given for {config.env_id}, which has no reward_threshold")
+
+
+def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
+    """Every value of a resolved Config in its range, and a run folder that can take this run."""
+    def check(ok, flag, allowed):
+        require(parser, ok, flag, allowed)
+
+    if c.env_backend == "torch":
+        check(c.env_id == "CartPole-v1", "--env-backend",
+              f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
+        check(c.vectorization_mode == "auto", "--vectorization-mode",
+              "left out with --env-backend torch, which steps its own vectorised CartPole")
+    check(c.num_iterations > 0, "--num-iterations/--episodes", "a positive integer")
+    check(c.num_envs > 0, "--num-envs", "a positive integer")
+    check(c.buffer_size > 0, "--buffer-size", "a positive integer")
+    check(c.buffer_size % c.num_envs == 0, "--buffer-size",
+          f"a multiple of --num-envs ({c.num_envs}), got {c.buffer_size}")
+    check(c.minibatch_size > 0, "--minibatch-size", "a positive integer")
+    check(c.minibatch_size <= c.buffer_size, "--minibatch-size",
+          f"at most --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
+    check(c.update_epochs > 0, "--update-epochs", "a positive integer")
+    check(0 < c.clip_eps < 1, "--clip-eps", f"in (0, 1), got {c.clip_eps}")
+    check(c.value_clip_eps is None or c.value_clip_eps > 0, "--value-clip-eps", "positive")
+    check(c.lr > 0 and math.isfinite(c.lr), "--lr", f"a positive number, got {c.lr}")
+    check(0 <= c.gamma <= 1, "--gamma", f"in [0, 1], got {c.gamma}")
+    check(0 <= c.gae_lambda <= 1, "--gae-lambda", f"in [0, 1], got {c.gae_lambda}")
+    check(c.entropy_coef >= 0, "--entropy-coef", "non-negative (>= 0)")
+    check(c.entropy_floor >= 0, "--entropy-floor", "non-negative (>= 0)")
+    check(c.value_coef >= 0, "--value-coef", "non-negative (>= 0)")
+    check(c.target_kl is None or c.target_kl > 0, "--target-kl", "positive")
+    check(c.max_grad_norm is None or c.max_grad_norm > 0, "--max-grad-norm", "non-negative (>= 0)")
+    check(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
+    check(c.confirm_episodes >= 0, "--confirm-episodes", "non-negative (>= 0)")
+    check(c.threads > 0, "--threads", "a positive integer")
+    check(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
+    out_dir = Path(c.out_dir or "runs")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." always exists
+    check(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
+          f"a folder that can be created or written to ({existing} is "
+          f"{'not writable' if existing.is_dir() else 'a file'})")
+    if c.eval is None:
+        # Never overwrite a run: its best.pt may be all the user has of it.
+        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
+        check(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
 
 
 # ==================================================================================================
@@ -385,404 +744,8 @@ class TorchCartPole:
 
 
 # ==================================================================================================
-# Model
+# Checkpoints
 # ==================================================================================================
-
-
-def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
-    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code)."""
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class ActorCritic(nn.Module):
-    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
-        super().__init__()
-        self.obs_dim, self.act_dim, self.hidden = int(obs_dim), int(act_dim), int(hidden)  # not numpy ints:
-        # they go into checkpoints, which torch.load(weights_only=True) must read
-        self.trunk = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden), math.sqrt(2)), nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden), math.sqrt(2)), nn.ReLU())
-        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # near-uniform first policy
-        self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs [B, D] -> (logits [B, A], value [B])."""
-        features = self.trunk(obs)
-        return self.policy_head(features), self.value_head(features).squeeze(-1)
-
-
-def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
-    """logits [B, A] -> (actions [B] int64, log-probs [B]).
-
-    Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits). Same distribution as
-    torch.distributions.Categorical, without building a distribution object every step.
-    """
-    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
-    actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
-    return actions, log_prob_of(logits, actions)
-
-
-def log_prob_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s): logits [B, A], actions [B] -> [B]."""
-    return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): [B, A] -> [B]."""
-    log_probs = F.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
-
-
-# ==================================================================================================
-# Rollout
-# ==================================================================================================
-
-
-@dataclass
-class Rollout:
-    """One rollout, stored [T, N] (time, env): GAE runs along time, per env.
-
-    The post's flat list interleaved the envs, so its GAE mixed them up.
-    """
-
-    obs: torch.Tensor  # [T, N, D]
-    actions: torch.Tensor  # [T, N]
-    logprobs: torch.Tensor  # [T, N]  log pi_old(a|s)
-    rewards: torch.Tensor  # [T, N]  with gamma * V(final obs) added on truncation
-    values: torch.Tensor  # [T, N]  V_old(s)
-    dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
-    valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
-    last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
-    ended_returns: torch.Tensor  # [T, N]  true (undiscounted) return of the episode that ended at
-    ended_lengths: torch.Tensor  # [T, N]  step t, and its length; meaningful where dones[t] = 1
-
-
-class Collector:
-    """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
-
-    envs: torch tensors in and out (NumpyToTorch around a gymnasium vector env, or TorchCartPole).
-    The env state persists across rollouts: the post reset every env at the start of every
-    rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
-    Nothing in `collect` reads a tensor on the host, so on a GPU with TorchCartPole the rollout
-    never synchronises. The tensors are reused: a Rollout is valid until the next `collect`.
-    """
-
-    def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
-        self.envs, self.device = envs, device
-        T, N, D = num_steps, envs.num_envs, envs.single_observation_space.shape[0]
-        zeros = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
-        self.obs, self.logprobs, self.values = zeros(T, N, D), zeros(T, N), zeros(T, N)
-        self.rewards, self.dones, self.valid = zeros(T, N), zeros(T, N), zeros(T, N)
-        self.truncated_only, self.ended_returns, self.ended_lengths = zeros(T, N), zeros(T, N), zeros(T, N)
-        self.actions = torch.zeros((T, N), dtype=torch.long, device=device)
-        self.next_obs, _ = envs.reset(seed=seed)  # the only reset: autoreset does the rest
-        self.prev_done = zeros(N)  # did the episode end on the previous step?
-        self.episode_return, self.episode_length = zeros(N), zeros(N)
-
-    @torch.inference_mode()
-    def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
-        T = self.rewards.shape[0]
-        for t in range(T):
-            obs = self.next_obs
-            logits, value = net(obs)
-            action, logprob = sample_actions(logits, generator)
-            self.next_obs, reward, terminated, truncated, _ = self.envs.step(action)
-
-            self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, action, logprob, value
-            # Next-step autoreset: if the episode ended on the previous step, this step only reset
-            # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
-            self.valid[t] = 1.0 - self.prev_done
-            done = (terminated | truncated).float()
-            self.rewards[t], self.dones[t] = reward, done
-            # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
-            self.truncated_only[t] = (truncated & ~terminated).float()
-
-            self.episode_return += reward
-            self.episode_length += self.valid[t]
-            self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
-            self.episode_return *= 1.0 - done
-            self.episode_length *= 1.0 - done
-            self.prev_done = done
-
-        last_value = net(self.next_obs)[1]
-        # In next-step mode the obs returned at an episode's last step is its true final obs, so
-        # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
-        # (The post treated the time limit as termination.)
-        next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
-        self.rewards += gamma * next_values * self.truncated_only
-        return Rollout(
-            obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
-            values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
-            ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
-
-
-def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The episodes that ended in a rollout: (returns [E], lengths [E], end steps [E]) on the host.
-
-    One device-to-host copy per rollout. Ordered by end step, ties by env index (row-major [T, N]).
-    End steps count env steps into the rollout: N per time step.
-    """
-    dones, returns, lengths = torch.stack([rollout.dones, rollout.ended_returns, rollout.ended_lengths]).cpu().numpy()
-    ended = dones > 0  # [T, N]
-    time_index = np.nonzero(ended)[0]
-    return returns[ended], lengths[ended].astype(np.int64), (time_index + 1) * dones.shape[1]
-
-
-# ==================================================================================================
-# Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12)
-# ==================================================================================================
-
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation along time, vectorised over envs.
-
-    rewards, values, dones: [T, N]; last_value: [N] (each env its own bootstrap: the post averaged
-    one over all envs). dones[t] = 1 iff the episode ended at step t, which cuts both the bootstrap
-    and the recursion there. Returns (advantages [T, N], returns [T, N] = advantages + values).
-    """
-    advantages = torch.zeros_like(rewards)
-    gae = torch.zeros_like(last_value)
-    next_value = last_value
-    for t in reversed(range(rewards.shape[0])):
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * not_done - values[t]  # TD error, eq. (12)
-        gae = delta + gamma * lam * not_done * gae  # eq. (11), as a recursion
-        advantages[t] = gae
-        next_value = values[t]
-    return advantages, advantages + values
-
-
-# ==================================================================================================
-# Losses
-# ==================================================================================================
-
-
-def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                           clip_eps: float) -> torch.Tensor:
-    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B].
-
-    The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0
-    at 1-eps, and those clipped samples contribute no gradient.
-    """
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    return -torch.min(unclipped, clipped).mean()
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       clip_eps: float | None) -> torch.Tensor:
-    """0.5 * mean(max((v - R)^2, (v_clipped - R)^2)), v_clipped = v_old + clip(v - v_old, -eps, eps).
-
-    With clip_eps None: plain 0.5 * mean((v - R)^2). Inputs [B].
-    """
-    unclipped = (values - returns) ** 2
-    if clip_eps is None:
-        return 0.5 * unclipped.mean()
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
-    return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
-
-
-def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
-    """KL(pi_old || pi) estimated as mean((r - 1) - log r): unbiased and never negative."""
-    log_ratio = logp - old_logp
-    return (torch.exp(log_ratio) - 1 - log_ratio).mean()
-
-
-# ==================================================================================================
-# Schedules
-# ==================================================================================================
-
-
-def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
-    """The post's annealing: explore early, exploit late."""
-    return max(floor, initial * (1 - iteration / num_iterations))
-
-
-def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
-    """Linear decay from lr towards 0 when annealing, else constant."""
-    return lr * (1 - iteration / num_iterations) if anneal else lr
-
-
-# ==================================================================================================
-# Optimiser: Adam and gradient-norm clipping
-# ==================================================================================================
-
-
-class Adam:
-    """Adam (Kingma and Ba 2015, Algorithm 1): the same update as torch.optim.Adam (tests compare them).
-
-    Why not torch.optim.Adam: its first use imports torch._dynamo (1.3 s here) and every step and
-    zero_grad passes through dynamo's wrappers; for a 64-unit MLP that bookkeeping costs more than
-    the arithmetic. Set `lr` between steps to schedule it.
-    """
-
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps, self.steps = list(params), lr, betas, eps, 0
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]  # m: first moment of the gradient
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]  # v: second moment
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.steps += 1
-        beta1, beta2 = self.betas
-        step_size = self.lr / (1 - beta1 ** self.steps)  # bias corrections: m and v start at 0
-        bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            m.lerp_(p.grad, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
-            p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(self.eps), value=-step_size)
-
-
-@torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale all gradients together so that their global L2 norm is at most max_norm (as
-    torch.nn.utils.clip_grad_norm_, without its per-call overhead). Returns the norm before."""
-    grads = [p.grad for p in params]
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale)
-    return total_norm
-
-
-# ==================================================================================================
-# Update
-# ==================================================================================================
-
-
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target): 1 = perfect critic, <= 0 = no better than a constant."""
-    var_target = target.var()
-    return float("nan") if var_target == 0 else float(1 - (target - predicted).var() / var_target)
-
-
-def update_policy(net: ActorCritic, optimizer: Adam, rollout: Rollout,
-                  advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
-                  minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
-                  entropy_coef: float, value_coef: float, max_grad_norm: float | None = None,
-                  target_kl: float | None = None, generator: torch.Generator | None = None) -> dict:
-    """K epochs of shuffled minibatch SGD on the valid steps of one rollout (paper, section 5).
-
-    advantages, returns: [T, N] from compute_gae. value_clip_eps None = no value clip.
-    target_kl: once a minibatch's approx KL (before its step) exceeds it, that step is skipped and
-    the rest of this update ends. Returns the means over the minibatches run of the losses,
-    entropy, approx KL and clip fraction; the explained variance of V_old; epochs completed and
-    minibatches run.
-    """
-    valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
-    b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
-    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
-        x.flatten()[valid_idx] for x in
-        (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
-    b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
-
-    batch_size = len(valid_idx)
-    # Near-equal minibatches of about minibatch_size that cover every sample (no ragged tail).
-    num_minibatches = max(1, round(batch_size / minibatch_size))
-    totals = {name: torch.zeros((), device=b_obs.device)
-              for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")}
-    minibatches = epochs = 0
-    kl_stop = False
-    for _ in range(update_epochs):
-        permutation = torch.randperm(batch_size, device=b_obs.device, generator=generator)
-        for mb_inds in torch.tensor_split(permutation, num_minibatches):
-            logits, values = net(b_obs[mb_inds])
-            logp = log_prob_of(logits, b_actions[mb_inds])
-            kl = approx_kl(logp, b_logprobs[mb_inds])
-            if target_kl is not None and kl.item() > target_kl:
-                kl_stop = True  # this step would push the policy too far from pi_old: skip it
-                break
-            policy_loss = clipped_surrogate_loss(logp, b_logprobs[mb_inds], b_advantages[mb_inds], clip_eps)
-            value_loss = clipped_value_loss(values, b_values[mb_inds], b_returns[mb_inds], value_clip_eps)
-            entropy = entropy_of(logits).mean()
-            loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
-
-            optimizer.zero_grad()
-            loss.backward()
-            if max_grad_norm is not None:
-                clip_grad_norm(list(net.parameters()), max_grad_norm)
-            optimizer.step()
-
-            with torch.no_grad():
-                clip_fraction = ((torch.exp(logp - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
-                for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
-                                    ("entropy", entropy), ("approx_kl", kl), ("clip_fraction", clip_fraction)):
-                    totals[name] += value
-            minibatches += 1
-        if kl_stop:
-            break  # ends the rest of *this* update; the next rollout updates again
-        epochs += 1
-    stats = {name: total.item() / max(minibatches, 1) for name, total in totals.items()}
-    stats.update(explained_variance=explained_variance(b_values, b_returns),
-                 epochs=epochs, minibatches=minibatches)
-    return stats
-
-
-# ==================================================================================================
-# Tracking and checkpoints
-# ==================================================================================================
-
-
-class ReturnTracker:
-    """Streams true episode returns: their EMA, the last-100 mean, the success rate, and "solved".
-
-    "Solved" is the first episode at which the mean of the last `window` returns reaches the
-    target (CartPole-v1: 475 over 100 episodes; the post counted >= 200, CartPole-v0's bar).
-    With thousands of envs that rule breaks: all envs start together, so the first episodes of
-    an iteration to end are the failures and the survivors all truncate on the same step, and
-    "the last 100" is a biased sample that depends on tie order. So when one iteration ends
-    `window` or more episodes, solved means the mean of all of them reaches the target
-    (conservative: short episodes are over-represented in a window); see add_iteration.
-    """
-
-    def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
-        self.ema_alpha, self.target_return, self.window = ema_alpha, target_return, window
-        self.ema: float | None = None  # starts at the first return, not at 0 as the post's did
-        self.recent: deque[float] = deque(maxlen=window)
-        self.solved_at_step: int | None = None
-
-    def add(self, episode_return: float, env_step: int, check_solved: bool = True) -> None:
-        """One episode, in the order they end (ties by env index)."""
-        r = float(episode_return)
-        self.ema = r if self.ema is None else self.ema_alpha * r + (1 - self.ema_alpha) * self.ema
-        self.recent.append(r)
-        if check_solved and self.solved_at_step is None and len(self.recent) == self.window \
-                and self.mean_recent >= self.target_return:
-            self.solved_at_step = env_step
-
-    def add_iteration(self, returns: np.ndarray, end_steps: np.ndarray) -> list[tuple[float, float, float]]:
-        """The episodes that ended in one iteration, by end step (ties by env index): [E] each.
-
-        Below `window` episodes, the last-window rule judges each; from `window` on, the iteration
-        is judged by the mean of all of them. Returns (EMA, mean of recent, success rate) after each.
-        """
-        many = len(returns) >= self.window
-        after_each = []
-        for episode_return, env_step in zip(returns, end_steps):
-            self.add(episode_return, int(env_step), check_solved=not many)
-            after_each.append((self.ema, self.mean_recent, self.success_rate))
-        if many and self.solved_at_step is None and float(np.mean(returns)) >= self.target_return:
-            self.solved_at_step = int(end_steps[-1])
-        return after_each
-
-    @property
-    def mean_recent(self) -> float:
-        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
-
-    @property
-    def success_rate(self) -> float:
-        """Share of the recent episodes at or above the target."""
-        return sum(r >= self.target_return for r in self.recent) / len(self.recent) if self.recent else float("nan")
 
 
 class CheckpointError(Exception):
@@ -838,6 +801,260 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from None
     return net.to(device).eval(), checkpoint["config"]
+
+
+# ==================================================================================================
+# The best policy
+# ==================================================================================================
+
+
+class BestPolicy:
+    """Keeps best.pt, the policy to deploy, and what it took to choose it.
+
+    A candidate is a new best of the EMA of returns that also beats the saved policy's confirmed
+    greedy score. The EMA mixes returns earned by several recent policy versions, so the weights at
+    its peak need not play well themselves (the post saved them unchecked): a candidate is saved
+    only if `confirm_episodes` greedy episodes (run together, on `seed`, apart from training's)
+    score at least as well as the saved policy did. Once a policy has played the maximum, no more
+    time goes into checks. confirm_episodes = 0 is the post's rule: save at every new EMA best.
+    """
+
+    def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
+        self.path, self.env_id, self.confirm_episodes, self.seed, self.config = \
+            Path(path), env_id, confirm_episodes, seed, config
+        self.best_ema = self.confirmed = -math.inf  # confirmed: the saved policy's greedy score
+        self.seconds = 0.0  # spent in greedy checks
+
+    def consider(self, net: ActorCritic, ema: float | None, always: bool = False) -> bool:
+        """ema: the EMA of returns now (None before any episode); always: check net whatever the EMA
+        (with confirm_episodes = 0, only while nothing is saved). Returns whether best.pt was written."""
+        new_best_ema = ema is not None and ema > self.best_ema
+        if new_best_ema:
+            self.best_ema = ema
+        if self.confirm_episodes == 0:  # the post's rule: every new EMA best, unchecked
+            if not (new_best_ema or always and self.confirmed == -math.inf):
+                return False
+            self.confirmed = self.best_ema
+        else:
+            if not (always or new_best_ema and ema > self.confirmed):
+                return False
+            t0 = time.perf_counter()
+            score = float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
+            self.seconds += time.perf_counter() - t0
+            if score < self.confirmed:
+                return False
+            self.confirmed = score
+        save_checkpoint(self.path, net, self.config)
+        return True
+
+
+# ==================================================================================================
+# The run log: episodes, returns, metrics, progress, summary
+# ==================================================================================================
+
+EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
+CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
+METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
+                 "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
+                 "explained_variance", "epochs", "minibatches", "episodes", "last_return",
+                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return"]
+EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
+
+
+def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The episodes that ended in a rollout: (returns [E], lengths [E], end steps [E]) on the host.
+
+    One device-to-host copy per rollout. Ordered by end step, ties by env index (row-major [T, N]).
+    End steps count env steps into the rollout: N per time step.
+    """
+    dones, returns, lengths = torch.stack([rollout.dones, rollout.ended_returns, rollout.ended_lengths]).cpu().numpy()
+    ended = dones > 0  # [T, N]
+    time_index = np.nonzero(ended)[0]
+    return returns[ended], lengths[ended].astype(np.int64), (time_index + 1) * dones.shape[1]
+
+
+class ReturnTracker:
+    """Streams true episode returns: their EMA, the last-100 mean, the success rate, and "solved".
+
+    "Solved" is the first episode at which the mean of the last `window` returns reaches the
+    target (CartPole-v1: 475 over 100 episodes; the post counted >= 200, CartPole-v0's bar).
+    With thousands of envs that rule breaks: all envs start together, so the first episodes of
+    an iteration to end are the failures and the survivors all truncate on the same step, and
+    "the last 100" is a biased sample that depends on tie order. So when one iteration ends
+    `window` or more episodes, solved means the mean of all of them reaches the target
+    (conservative: short episodes are over-represented in a window); see add_iteration.
+    """
+
+    def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
+        self.ema_alpha, self.target_return, self.window = ema_alpha, target_return, window
+        self.ema: float | None = None  # starts at the first return, not at 0 as the post's did
+        self.recent: deque[float] = deque(maxlen=window)
+        self.solved_at_step: int | None = None
+
+    def add(self, episode_return: float, env_step: int, check_solved: bool = True) -> None:
+        """One episode, in the order they end (ties by env index)."""
+        r = float(episode_return)
+        self.ema = r if self.ema is None else self.ema_alpha * r + (1 - self.ema_alpha) * self.ema
+        self.recent.append(r)
+        if check_solved and self.solved_at_step is None and len(self.recent) == self.window \
+                and self.mean_recent >= self.target_return:
+            self.solved_at_step = env_step
+
+    def add_iteration(self, returns: np.ndarray, end_steps: np.ndarray) -> list[tuple[float, float, float]]:
+        """The episodes that ended in one iteration, by end step (ties by env index): [E] each.
+
+        Below `window` episodes, the last-window rule judges each; from `window` on, the iteration
+        is judged by the mean of all of them. Returns (EMA, mean of recent, success rate) after each.
+        """
+        many = len(returns) >= self.window
+        after_each = []
+        for episode_return, env_step in zip(returns, end_steps):
+            self.add(episode_return, int(env_step), check_solved=not many)
+            after_each.append((self.ema, self.mean_recent, self.success_rate))
+        if many and self.solved_at_step is None and float(np.mean(returns)) >= self.target_return:
+            self.solved_at_step = int(end_steps[-1])
+        return after_each
+
+    @property
+    def mean_recent(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+    @property
+    def success_rate(self) -> float:
+        """Share of the recent episodes at or above the target."""
+        return sum(r >= self.target_return for r in self.recent) / len(self.recent) if self.recent else float("nan")
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+            "numpy": np.__version__}
+
+
+class RunLog:
+    """Everything a run records around the algorithm, out of the training loop's way: episodes.csv
+    and metrics.csv (a row per episode and per iteration, flushed as written), the return tracker,
+    best.pt, the progress bar, the time spent collecting and updating, and at the end final.pt,
+    the evaluation, the plot, the GIF and summary.json.
+
+    config: a resolved Config (see `resolve`); the run folder is made here.
+    """
+
+    def __init__(self, config: Config):
+        self.config, self.out_dir = config, Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        self.config_dict = dataclasses.asdict(config)  # checkpoints carry it as plain values
+        self.tracker = ReturnTracker(config.ema_alpha, config.target_return)
+        self.best = BestPolicy(self.out_dir / "best.pt", config.env_id, config.confirm_episodes,
+                               config.seed + CONFIRM_SEED_OFFSET, self.config_dict)
+        self.seconds = {"collect": 0.0, "update": 0.0}
+        self.episodes: list[dict] = []
+        self.metrics: list[dict] = []
+        self.env_steps, self.interrupted = 0, False
+        self.solved_at_seconds = self.solved_at_iteration = None
+        self.metrics_file = open(self.out_dir / "metrics.csv", "w", newline="")
+        self.episodes_file = open(self.out_dir / "episodes.csv", "w", newline="")
+        self.metrics_csv = csv.DictWriter(self.metrics_file, METRIC_FIELDS)
+        self.episodes_csv = csv.DictWriter(self.episodes_file, EPISODE_FIELDS)
+        self.metrics_csv.writeheader()
+        self.episodes_csv.writeheader()
+        settings = (f"torch backend, {config.num_envs} envs" if config.env_backend == "torch"
+                    else f"{config.vectorization_mode} vector env")
+        print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
+              f"{config.num_iterations} iterations of {config.buffer_size} steps -> {self.out_dir}", flush=True)
+
+    def iterations(self):
+        """range(num_iterations) behind a progress bar."""
+        from tqdm import tqdm
+
+        self.bar = tqdm(range(self.config.num_iterations), desc="PPO", unit="it", mininterval=0.5)
+        return self.bar
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Adds the time spent inside the block to self.seconds[part]."""
+        t0 = time.perf_counter()
+        yield
+        self.seconds[part] += time.perf_counter() - t0
+
+    def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> bool:
+        """One iteration's episodes and metrics row, and best.pt's turn. Returns True when a
+        --stop-when-solved run is done: solved, and a saved policy has played the target greedily."""
+        config, tracker, best = self.config, self.tracker, self.best
+        seconds = time.perf_counter() - self.start
+        ended_returns, ended_lengths, ended_steps = finished_episodes(rollout)
+        end_steps = self.env_steps + ended_steps
+        after_each = tracker.add_iteration(ended_returns, end_steps)
+        for episode_return, length, end, (ema, mean100, success) in zip(
+                ended_returns.tolist(), ended_lengths.tolist(), end_steps.tolist(), after_each):
+            self.episodes.append({"env_step": end, "seconds": round(seconds, 3), "return": episode_return,
+                                  "length": length, "ema_return": ema, "mean100_return": mean100,
+                                  "success_rate": success})
+            self.episodes_csv.writerow(self.episodes[-1])
+        self.env_steps += config.buffer_size
+        if tracker.solved_at_step is not None and self.solved_at_seconds is None:
+            self.solved_at_seconds, self.solved_at_iteration = seconds, iteration
+        # Solved, but no saved policy has played the target greedily yet (the sampled policy's
+        # returns can run ahead of the greedy one's): check the weights every iteration until one
+        # does, and stop only then.
+        awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
+                         and best.confirmed < config.target_return)
+        best.consider(net, tracker.ema, always=awaiting_best)
+
+        row = dict(iteration=iteration, env_steps=self.env_steps, seconds=round(seconds, 3),
+                   steps_per_second=round(self.env_steps / seconds), **schedules,
+                   **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(ended_returns),
+                   last_return=self.episodes[-1]["return"] if self.episodes else None, ema_return=tracker.ema,
+                   mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
+                   best_confirmed_return=best.confirmed)
+        self.metrics.append(row)
+        self.metrics_csv.writerow(row)
+        self.metrics_file.flush()
+        self.episodes_file.flush()
+        self.bar.set_postfix(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
+                             mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
+        return (config.stop_when_solved and tracker.solved_at_step is not None
+                and (best.confirmed >= config.target_return or not config.confirm_episodes))
+
+    def finish(self, net: ActorCritic) -> dict:
+        """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation, the plot,
+        the GIF and summary.json. Returns the summary."""
+        config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
+        if hasattr(self, "bar"):
+            self.bar.close()
+        self.metrics_file.close()
+        self.episodes_file.close()
+        save_checkpoint(out_dir / "final.pt", net, self.config_dict)
+        best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
+        best_net, _ = load_agent(out_dir / "best.pt", config.device)
+        eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+        if config.plot:
+            plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png")
+        if config.gif:
+            render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
+
+        seconds = time.perf_counter() - self.start
+        collect_seconds, update_seconds = self.seconds["collect"], self.seconds["update"]
+        summary = {
+            "solved_at_step": tracker.solved_at_step, "solved_at_seconds": self.solved_at_seconds,
+            "solved_at_iteration": self.solved_at_iteration,
+            "best_ema_return": best.best_ema if self.episodes else None,
+            "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
+            "eval_return_mean": float(eval_returns.mean()), "eval_return_std": float(eval_returns.std()),
+            "eval_episodes": config.eval_episodes, "env_steps": self.env_steps, "iterations": len(self.metrics),
+            "episodes": len(self.episodes), "seconds": seconds, "steps_per_second": self.env_steps / seconds,
+            "collect_seconds": collect_seconds, "update_seconds": update_seconds,
+            "collect_steps_per_second": self.env_steps / collect_seconds if collect_seconds else None,
+            "confirm_seconds": best.seconds, "interrupted": self.interrupted, "out_dir": str(out_dir),
+            "device": config.device, "torch_threads": torch.get_num_threads(), "versions": versions(),
+            "config": self.config_dict,
+        }
+        atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        solved = (f"solved at step {tracker.solved_at_step} ({self.solved_at_seconds:.1f} s)"
+                  if tracker.solved_at_step is not None else "not solved")
+        print(f"{solved}; best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} "
+              f"over {config.eval_episodes} episodes; {self.env_steps} steps in {seconds:.1f} s -> {out_dir}")
+        return summary
 
 
 # ==================================================================================================
@@ -963,205 +1180,13 @@ def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndar
 
 
 # ==================================================================================================
-# Train
-# ==================================================================================================
-
-EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
-CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
-METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
-                 "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
-                 "explained_variance", "epochs", "minibatches", "episodes", "last_return",
-                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return"]
-EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
-
-
-class BestPolicy:
-    """Keeps best.pt, the policy to deploy, and what it took to choose it.
-
-    A candidate is a new best of the EMA of returns that also beats the saved policy's confirmed
-    greedy score. The EMA mixes returns earned by several recent policy versions, so the weights at
-    its peak need not play well themselves (the post saved them unchecked): a candidate is saved
-    only if `confirm_episodes` greedy episodes (run together, on `seed`, apart from training's)
-    score at least as well as the saved policy did. Once a policy has played the maximum, no more
-    time goes into checks. confirm_episodes = 0 is the post's rule: save at every new EMA best.
-    """
-
-    def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
-        self.path, self.env_id, self.confirm_episodes, self.seed, self.config = \
-            Path(path), env_id, confirm_episodes, seed, config
-        self.best_ema = self.confirmed = -math.inf  # confirmed: the saved policy's greedy score
-        self.seconds = 0.0  # spent in greedy checks
-
-    def consider(self, net: ActorCritic, ema: float | None, always: bool = False) -> bool:
-        """ema: the EMA of returns now (None before any episode); always: check net whatever the EMA
-        (with confirm_episodes = 0, only while nothing is saved). Returns whether best.pt was written."""
-        new_best_ema = ema is not None and ema > self.best_ema
-        if new_best_ema:
-            self.best_ema = ema
-        if self.confirm_episodes == 0:  # the post's rule: every new EMA best, unchecked
-            if not (new_best_ema or always and self.confirmed == -math.inf):
-                return False
-            self.confirmed = self.best_ema
-        else:
-            if not (always or new_best_ema and ema > self.confirmed):
-                return False
-            t0 = time.perf_counter()
-            score = float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
-            self.seconds += time.perf_counter() - t0
-            if score < self.confirmed:
-                return False
-            self.confirmed = score
-        save_checkpoint(self.path, net, self.config)
-        return True
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-            "numpy": np.__version__}
-
-
-def train(config: Config) -> dict:
-    """Train PPO as configured, write the run folder, return the summary (also summary.json).
-
-    Ctrl-C ends the loop early; the metrics, final.pt, the plot and the summary are still written
-    and the summary says "interrupted": true.
-    """
-    from tqdm import tqdm
-
-    start = time.perf_counter()
-    device = resolve_device(config.device)
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)  # network init; sampling and shuffling use `generator`
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    target = config.target_return if config.target_return is not None else gym.spec(config.env_id).reward_threshold
-    out_dir = Path(config.out_dir or default_out_dir(config.env_id, config.seed))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    backend = resolve_backend(config.env_backend, config.env_id, device)
-    config_dict = dataclasses.asdict(config) | {"target_return": target, "env_backend": backend}  # effective
-    value_clip_eps = (config.value_clip_eps or config.clip_eps) if config.clip_value else None
-    preset = {k: getattr(config, k) for k in TORCH_PRESET if getattr(config, k) == TORCH_PRESET[k]}
-    settings = f"torch backend preset {preset}" if backend == "torch" else f"{config.vectorization_mode} vector env"
-    print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {device}, {settings}, "
-          f"{config.episodes} iterations of {config.buffer_size} steps -> {out_dir}", flush=True)
-
-    if backend == "torch":
-        envs = TorchCartPole(config.num_envs, device)
-    else:
-        envs = NumpyToTorch(make_envs(config.env_id, config.num_envs, config.vectorization_mode), device)
-    net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
-    optimizer = Adam(net.parameters(), lr=config.lr)
-    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
-    tracker = ReturnTracker(config.ema_alpha, target)
-    best = BestPolicy(out_dir / "best.pt", config.env_id, config.confirm_episodes, config.seed + CONFIRM_SEED_OFFSET,
-                      config_dict)
-    collect_seconds = update_seconds = 0.0
-    solved_at_seconds = solved_at_iteration = None
-    episodes, metrics, env_steps, interrupted, iteration = [], [], 0, False, 0
-
-    with open(out_dir / "metrics.csv", "w", newline="") as metrics_file, \
-            open(out_dir / "episodes.csv", "w", newline="") as episodes_file:
-        metrics_csv = csv.DictWriter(metrics_file, METRIC_FIELDS)
-        episodes_csv = csv.DictWriter(episodes_file, EPISODE_FIELDS)
-        metrics_csv.writeheader()
-        episodes_csv.writeheader()
-        bar = tqdm(range(config.episodes), desc="PPO", unit="it", mininterval=0.5)
-        try:
-            for iteration in bar:
-                lr = optimizer.lr = lr_at(iteration, config.episodes, config.lr, config.anneal_lr)
-                entropy_coef = entropy_coef_at(iteration, config.episodes, config.entropy_coef, config.entropy_floor)
-
-                t0 = time.perf_counter()
-                rollout = collector.collect(net, config.gamma, generator)
-                t1 = time.perf_counter()
-                advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones,
-                                                  rollout.last_value, config.gamma, config.gae_lambda)
-                stats = update_policy(
-                    net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
-                    minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
-                    value_clip_eps=value_clip_eps, entropy_coef=entropy_coef, value_coef=config.value_coef,
-                    max_grad_norm=config.max_grad_norm, target_kl=config.target_kl, generator=generator)
-                collect_seconds += t1 - t0
-                update_seconds += time.perf_counter() - t1
-
-                seconds = time.perf_counter() - start
-                ended_returns, ended_lengths, ended_steps = finished_episodes(rollout)
-                after_each = tracker.add_iteration(ended_returns, env_steps + ended_steps)
-                for ret, length, end, (ema, mean100, success) in zip(
-                        ended_returns.tolist(), ended_lengths.tolist(), (env_steps + ended_steps).tolist(), after_each):
-                    episodes.append(dict(env_step=end, seconds=round(seconds, 3), **{"return": ret}, length=length,
-                                         ema_return=ema, mean100_return=mean100, success_rate=success))
-                    episodes_csv.writerow(episodes[-1])
-                env_steps += config.buffer_size
-                if tracker.solved_at_step is not None and solved_at_seconds is None:
-                    solved_at_seconds, solved_at_iteration = seconds, iteration
-                # Solved, but no saved policy has played the target greedily yet (the sampled policy's
-                # returns can run ahead of the greedy one's): check the weights every iteration until
-                # one does, and stop only then.
-                awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
-                                 and best.confirmed < target)
-                best.consider(net, tracker.ema, always=awaiting_best)
-
-                row = dict(iteration=iteration, env_steps=env_steps, seconds=round(seconds, 3),
-                           steps_per_second=round(env_steps / seconds), lr=lr, entropy_coef=entropy_coef,
-                           **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(ended_returns),
-                           last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
-                           mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-                           best_confirmed_return=best.confirmed)
-                metrics.append(row)
-                metrics_csv.writerow(row)
-                metrics_file.flush()
-                episodes_file.flush()
-                bar.set_postfix(steps=env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
-                                mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
-                if config.stop_when_solved and tracker.solved_at_step is not None \
-                        and (best.confirmed >= target or not config.confirm_episodes):
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            print("\ninterrupted: writing final.pt, metrics, plot and summary", file=sys.stderr)
-        finally:
-            bar.close()
-            envs.close()
-
-    save_checkpoint(out_dir / "final.pt", net, config_dict)
-    best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
-    best_net, _ = load_agent(out_dir / "best.pt", device)
-    eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
-    if config.plot:
-        plot_training(episodes, metrics, target, out_dir / "training.png")
-    if config.gif:
-        render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
-
-    seconds = time.perf_counter() - start
-    summary = {
-        "solved_at_step": tracker.solved_at_step, "solved_at_seconds": solved_at_seconds,
-        "solved_at_iteration": solved_at_iteration, "best_ema_return": best.best_ema if episodes else None,
-        "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
-        "eval_return_mean": float(eval_returns.mean()), "eval_return_std": float(eval_returns.std()),
-        "eval_episodes": config.eval_episodes, "env_steps": env_steps, "iterations": len(metrics),
-        "episodes": len(episodes), "seconds": seconds, "steps_per_second": env_steps / seconds,
-        "collect_seconds": collect_seconds, "update_seconds": update_seconds,
-        "collect_steps_per_second": env_steps / collect_seconds if collect_seconds else None,
-        "confirm_seconds": best.seconds, "interrupted": interrupted, "out_dir": str(out_dir),
-        "device": str(device), "torch_threads": torch.get_num_threads(), "versions": versions(),
-        "config": config_dict,
-    }
-    atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    solved = (f"solved at step {tracker.solved_at_step} ({solved_at_seconds:.1f} s)"
-              if tracker.solved_at_step is not None else "not solved")
-    print(f"{solved}; best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} "
-          f"over {config.eval_episodes} episodes; {env_steps} steps in {seconds:.1f} s -> {out_dir}")
-    return summary
-
-
-# ==================================================================================================
 # Main
 # ==================================================================================================
 
 
 def run_eval(config: Config) -> None:
     """--eval CHECKPOINT: greedy returns, mean and std, and the agent's GIF; no training."""
-    net, checkpoint_config = load_agent(config.eval, resolve_device(config.device))
+    net, checkpoint_config = load_agent(config.eval, config.device)
     env_id = checkpoint_config.get("env_id") if isinstance(checkpoint_config, dict) else None
     try:
         env = gym.make(env_id)

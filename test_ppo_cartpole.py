@@ -5,8 +5,10 @@ number, torch's own Categorical, gymnasium's RecordEpisodeStatistics, or a prope
 """
 
 import csv
+import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,10 @@ from PIL import Image
 import ppo_cartpole as ppo
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
+
 MODES = ["sync", "vector_entry_point"]
+
+
 CUDA = torch.cuda.is_available()  # the real answer, before the fixture below hides it
 
 
@@ -39,7 +44,7 @@ def small_net(seed=0, obs_dim=4, act_dim=2):
 
 def collect(mode="sync", num_envs=4, num_steps=32, rollouts=1, gamma=0.99, seed=0, **env_kwargs):
     """A collector on real CartPole envs; returns (collector, net, list of rollouts copied out)."""
-    envs = ppo.NumpyToTorch(ppo.make_envs("CartPole-v1", num_envs, mode, **env_kwargs), torch.device("cpu"))
+    envs = ppo.make_envs("CartPole-v1", num_envs, torch.device("cpu"), "gymnasium", mode, **env_kwargs)
     net = small_net(seed)
     collector = ppo.Collector(envs, num_steps, seed, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
@@ -56,132 +61,45 @@ def collect(mode="sync", num_envs=4, num_steps=32, rollouts=1, gamma=0.99, seed=
 # ==================================================================================================
 
 
-def test_defaults_are_the_measured_ones():
-    c = ppo.parse_args([])
-    assert (c.env_id, c.vectorization_mode, c.episodes, c.num_envs, c.buffer_size, c.minibatch_size,
-            c.update_epochs) == ("CartPole-v1", "auto", 2000, 32, 1024, 256, 4)
-    assert (c.clip_eps, c.lr, c.gamma, c.gae_lambda, c.entropy_coef, c.value_coef, c.ema_alpha) == \
-        (0.2, 3e-3, 0.98, 0.8, 0.0, 0.5, 0.1)
-    assert c.anneal_lr and not c.clip_value and c.target_kl is None and not c.stop_when_solved
-    assert c.target_return == 475.0  # CartPole-v1's reward_threshold, not the post's 200
+def test_every_config_field_is_a_flag_of_the_same_name():
+    parser = ppo.build_parser()
+    dests = {action.dest: action for action in parser._actions if action.dest != "help"}
+    assert set(dests) == {field.name for field in dataclasses.fields(ppo.Config)}
+    for field in dataclasses.fields(ppo.Config):
+        action = dests[field.name]
+        assert "--" + field.name.replace("_", "-") in action.option_strings
+        assert action.default == field.default and field.metadata["help"] in action.help
+    raw = ppo.Config(**vars(parser.parse_args([])))  # the parser's defaults are Config's, unresolved
+    assert raw == ppo.Config()
 
 
-def test_posts_settings_are_one_command_away_and_make_train_post_uses_them():
-    c = ppo.parse_args(ppo.POST_SETTINGS.split())
-    assert (c.vectorization_mode, c.num_envs, c.buffer_size, c.minibatch_size, c.update_epochs, c.lr) == \
-        ("sync", 8, 2048, 64, 4, 1e-4)
-    assert (c.gamma, c.gae_lambda, c.entropy_coef, c.entropy_floor, c.value_coef, c.clip_eps) == \
-        (0.99, 0.95, 0.02, 0.001, 0.5, 0.2)
-    assert c.clip_value and c.value_clip_eps is None and not c.anneal_lr and c.max_grad_norm is None
-    makefile = (Path(__file__).parent / "Makefile").read_text().replace("\\\n", " ")  # join continued lines
-    assert f"ppo_cartpole.py {ppo.POST_SETTINGS}" in " ".join(makefile.split())
+def test_each_flag_sets_its_field():
+    values = {"num_envs": "16", "buffer_size": "512", "minibatch_size": "64", "lr": "0.01", "gamma": "0.5",
+              "value_clip_eps": "0.3", "target_kl": "0.02", "threads": "2", "seed": "9"}
+    argv = [x for name, value in values.items() for x in ("--" + name.replace("_", "-"), value)]
+    config = ppo.parse_args(argv + ["--no-anneal-lr", "--stop-when-solved"])
+    for name, value in values.items():
+        assert getattr(config, name) == type(getattr(config, name))(value), name
+    assert not config.anneal_lr and config.stop_when_solved
 
 
-def test_iterations_is_an_alias_of_episodes():
-    assert ppo.parse_args(["--iterations", "7"]).episodes == 7
+def test_episodes_and_iterations_are_aliases_of_num_iterations():
+    for flag in ("--episodes", "--iterations", "--num-iterations"):
+        assert ppo.parse_args([flag, "7"]).num_iterations == 7
 
 
-def test_help_shows_each_default(capsys):
+def test_readme_flag_table_and_help_name_the_same_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ppo.parse_args(["--help"])
     assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--buffer-size", "--lr", "--clip-eps", "--target-kl", "--device", "--eval-episodes"):
-        assert flag in out
-    assert out.count("(default:") >= 30
-    assert ppo.POST_SETTINGS in " ".join(out.split())
-
-
-BAD_ARGS = [
-    (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
-    (["--episodes", "0"], "--episodes"), (["--iterations", "-3"], "--episodes"),
-    (["--num-envs", "0"], "--num-envs"), (["--update-epochs", "0"], "--update-epochs"),
-    (["--minibatch-size", "0"], "--minibatch-size"), (["--minibatch-size", "4096"], "--minibatch-size"),
-    (["--buffer-size", "2050"], "--buffer-size"), (["--buffer-size", "0"], "--buffer-size"),
-    (["--clip-eps", "0"], "--clip-eps"), (["--clip-eps", "1"], "--clip-eps"),
-    (["--gamma", "1.01"], "--gamma"), (["--gamma", "-0.1"], "--gamma"), (["--gae-lambda", "2"], "--gae-lambda"),
-    (["--entropy-coef", "-0.1"], "--entropy-coef"), (["--entropy-floor", "-1"], "--entropy-floor"),
-    (["--value-coef", "-0.5"], "--value-coef"), (["--value-clip-eps", "0"], "--value-clip-eps"),
-    (["--target-kl", "0"], "--target-kl"), (["--max-grad-norm", "-1"], "--max-grad-norm"),
-    (["--ema-alpha", "0"], "--ema-alpha"), (["--eval-episodes", "0"], "--eval-episodes"),
-    (["--threads", "0"], "--threads"), (["--lr", "fast"], "--lr"), (["--device", "tpu"], "--device"),
-    (["--env-id", "NoSuchEnv-v0"], "--env-id"),
-    (["--env-id", "Pendulum-v1", "--target-return", "0"], "--env-id"),  # continuous actions
-    (["--env-id", "Blackjack-v1", "--target-return", "0"], "--env-id"),  # tuple observation
-    (["--env-id", "FrozenLake-v1"], "--env-id"),  # discrete observation
-    (["--env-id", "Acrobot-v1", "--vectorization-mode", "vector_entry_point"], "--vectorization-mode"),
-]
-
-
-@pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
-def test_bad_input_is_one_error_line_naming_the_flag(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ppo.parse_args(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    error_lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and flag in error_lines[0]
-    assert "Traceback" not in err
-
-
-def test_env_without_reward_threshold_needs_target_return(capsys):
-    gym.register("NoThresholdCartPole-v0", entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
-                 max_episode_steps=50)
-    with pytest.raises(SystemExit):
-        ppo.parse_args(["--env-id", "NoThresholdCartPole-v0"])
-    assert "--target-return" in capsys.readouterr().err
-    assert ppo.parse_args(["--env-id", "NoThresholdCartPole-v0", "--target-return", "40"]).target_return == 40
-
-
-def test_cuda_requested_without_cuda_is_a_clean_error(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_info:
-        ppo.parse_args(["--device", "cuda"])
-    assert exit_info.value.code == 2 and "--device" in capsys.readouterr().err
-    assert ppo.resolve_device("auto") == torch.device("cpu")
-
-
-def test_out_dir_that_is_a_file_is_a_clean_error(tmp_path, capsys):
-    (tmp_path / "taken").write_text("a file, not a folder")
-    for out_dir in ("taken", "taken/run"):
-        with pytest.raises(SystemExit) as exit_info:
-            ppo.parse_args(["--out-dir", str(tmp_path / out_dir)])
-        assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
-
-
-def test_out_dir_with_an_earlier_run_is_refused_so_nothing_is_overwritten(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "best.pt").write_bytes(b"the only copy of a good policy")
-    with pytest.raises(SystemExit) as exit_info:
-        ppo.parse_args(["--out-dir", str(tmp_path / "run")])
-    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
-    assert (tmp_path / "run" / "best.pt").read_bytes() == b"the only copy of a good policy"
-    ppo.parse_args(["--out-dir", str(tmp_path / "run"), "--eval", str(tmp_path / "run" / "best.pt")])  # eval: fine
-
-
-def test_default_out_dir_is_the_checked_one_and_an_earlier_run_there_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    config = ppo.parse_args(["--seed", "7"])
-    assert config.out_dir.startswith("runs/CartPole-v1__seed7__")  # resolved once, used by train
-    Path(config.out_dir).mkdir(parents=True)
-    (Path(config.out_dir) / "summary.json").write_text("{}")  # a run launched in the same second
-    monkeypatch.setattr(ppo, "default_out_dir", lambda env_id, seed: config.out_dir)
-    with pytest.raises(SystemExit) as exit_info:
-        ppo.parse_args(["--seed", "7"])
-    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
-
-
-def test_bad_input_writes_nothing(tmp_path):
-    with pytest.raises(SystemExit):
-        ppo.main(["--clip-eps", "1.5", "--out-dir", str(tmp_path / "run")])
-    assert not (tmp_path / "run").exists()
-
-
-def test_bad_input_from_the_shell_exits_2_without_traceback():
-    proc = subprocess.run([sys.executable, "ppo_cartpole.py", "--minibatch-size", "99999"],
-                          capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert proc.returncode == 2
-    assert "error: argument --minibatch-size" in proc.stderr and "Traceback" not in proc.stderr
+    help_flags = set(re.findall(r"--[a-z][a-z-]+", capsys.readouterr().out.split("options:")[1]))
+    help_flags = {flag for flag in help_flags if not flag.startswith("--no-")} - {"--help"}
+    readme = (Path(__file__).parent / "README.md").read_text()
+    table = readme.split("## Flags")[1].split("\n## ")[0]
+    table_flags = {flag for row in table.splitlines() if row.startswith("| `--")
+                   for flag in re.findall(r"`(--[a-z][a-z-]+)", row.split("|")[1])}
+    table_flags = {flag for flag in table_flags if not flag.startswith("--no-")}
+    assert table_flags == help_flags
 
 
 # ==================================================================================================
@@ -189,197 +107,16 @@ def test_bad_input_from_the_shell_exits_2_without_traceback():
 # ==================================================================================================
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_envs_autoreset_on_the_next_step_in_both_modes(mode):
+@pytest.mark.parametrize("backend, mode", [("gymnasium", "sync"), ("gymnasium", "vector_entry_point"), ("torch", "auto")])
+def test_envs_autoreset_on_the_next_step_on_every_backend(backend, mode):
     """What the collector relies on: the step after an episode ends is a reset with reward 0."""
-    envs = ppo.make_envs("CartPole-v1", 2, mode, max_episode_steps=3)
-    envs.reset(seed=0)
-    flags = [envs.step(np.array([0, 1]))[1:4] for _ in range(5)]
+    envs = ppo.make_envs("CartPole-v1", 2, torch.device("cpu"), backend, mode, max_episode_steps=3)
+    obs, _ = envs.reset(seed=0)
+    flags = [envs.step(torch.tensor([0, 1]))[1:4] for _ in range(5)]
     envs.close()
-    rewards = [r.tolist() for r, _, _ in flags]
-    assert rewards == [[1, 1], [1, 1], [1, 1], [0, 0], [1, 1]]
+    assert obs.shape == (2, 4) and obs.dtype == torch.float32
+    assert [rewards.tolist() for rewards, _, _ in flags] == [[1, 1], [1, 1], [1, 1], [0, 0], [1, 1]]
     assert flags[2][2].all() and not flags[3][2].any()
-
-
-# ==================================================================================================
-# CartPole in torch
-# ==================================================================================================
-
-
-def twin_envs(num_envs, seed=0):
-    """gymnasium's CartPoleVectorEnv and a float64 TorchCartPole starting from its states."""
-    gym_envs = CartPoleVectorEnv(num_envs=num_envs)
-    gym_envs.reset(seed=seed)
-    torch_envs = ppo.TorchCartPole(num_envs, dtype=torch.float64)
-    torch_envs.reset(seed=seed)
-    torch_envs.state = torch.tensor(gym_envs.state.T.copy())  # gymnasium stores [4, N]
-    return gym_envs, torch_envs
-
-
-@pytest.mark.parametrize("action", [0, 1])
-def test_torch_cartpole_step_matches_gymnasium_to_1e12(action):
-    rng = np.random.default_rng(action)
-    gym_envs, torch_envs = twin_envs(2000)
-    states = rng.uniform([-2.4, -3.0, -0.21, -3.0], [2.4, 3.0, 0.21, 3.0], size=(2000, 4))
-    gym_envs.state = states.T.copy()
-    torch_envs.state = torch.tensor(states)
-    obs, reward, terminated, truncated, _ = gym_envs.step(np.full(2000, action))
-    t_obs, t_reward, t_terminated, t_truncated, _ = torch_envs.step(torch.full((2000,), action))
-    assert np.abs(torch_envs.state.numpy() - gym_envs.state.T).max() < 1e-12
-    assert 0 < terminated.sum() < 2000  # both outcomes exercised
-    assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
-    assert (t_reward.numpy() == reward).all() and t_obs.dtype == torch.float32
-    assert np.allclose(t_obs.numpy(), obs)
-
-
-def test_torch_cartpole_short_random_episodes_match_to_the_end():
-    rng = np.random.default_rng(0)
-    gym_envs, torch_envs = twin_envs(64, seed=5)
-    ended = np.zeros(64, dtype=bool)
-    for _ in range(200):
-        actions = rng.integers(0, 2, 64)
-        _, reward, terminated, truncated, _ = gym_envs.step(actions)
-        _, t_reward, t_terminated, t_truncated, _ = torch_envs.step(torch.as_tensor(actions))
-        live = ~ended  # after its end each env resets from its own random stream: not compared
-        assert np.abs(torch_envs.state.numpy()[live] - gym_envs.state.T[live]).max(initial=0) < 1e-9
-        assert (t_terminated.numpy()[live] == terminated[live]).all()
-        assert (t_reward.numpy()[live] == reward[live]).all() and not truncated[live].any()
-        ended |= terminated
-        if ended.all():
-            break
-    assert ended.all()  # every episode played to its terminating step
-
-
-def test_torch_cartpole_truncates_at_500_with_both_flags_when_the_pole_also_falls():
-    gym_envs, torch_envs = twin_envs(2)
-    balanced, falling = np.zeros(4), np.array([0.0, 0.0, 0.2094, 2.0])  # falling: over 12 degrees next step
-    for step in range(1, 501):
-        states = np.stack([balanced, falling if step == 500 else balanced])
-        gym_envs.state, torch_envs.state = states.T.copy(), torch.tensor(states)
-        _, _, terminated, truncated, _ = gym_envs.step(np.array([0, 1]))
-        _, _, t_terminated, t_truncated, _ = torch_envs.step(torch.tensor([0, 1]))
-        assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
-        assert truncated.any() == (step == 500)
-    assert truncated.tolist() == [True, True] and terminated.tolist() == [False, True]
-
-
-def test_torch_cartpole_autoresets_on_the_next_step():
-    envs = ppo.TorchCartPole(3, max_episode_steps=4)
-    envs.reset(seed=0)
-    out = [envs.step(torch.tensor([0, 1, 0])) for _ in range(5)]
-    assert [o[1].tolist() for o in out] == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0]]
-    assert out[3][3].all() and not out[4][2].any() and not out[4][3].any()
-    assert (out[4][0].abs() < 0.05).all() and envs.steps.tolist() == [0, 0, 0]  # fresh states, count restarted
-
-
-def test_torch_cartpole_seeding_is_reproducible():
-    first = [ppo.TorchCartPole(8).reset(seed=s)[0] for s in (3, 3, 4)]
-    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
-    assert (first[0].abs() < 0.05).all()
-
-
-@pytest.mark.parametrize("backend", ["gymnasium", "torch"])
-def test_collector_masks_autoreset_steps_on_both_backends(backend):
-    envs = (ppo.TorchCartPole(4) if backend == "torch"
-            else ppo.NumpyToTorch(ppo.make_envs("CartPole-v1", 4), torch.device("cpu")))
-    collector = ppo.Collector(envs, 64, 0, torch.device("cpu"))
-    r = collector.collect(small_net(), 0.99, torch.Generator().manual_seed(0))
-    ended_before = torch.cat([torch.zeros(1, 4), r.dones[:-1]])
-    assert r.dones.sum() > 4 and torch.equal(r.valid, 1 - ended_before)
-    assert (r.rewards[r.valid == 0] == 0).all()
-    returns, lengths, _ = ppo.finished_episodes(r)
-    assert (returns == lengths).all()  # CartPole pays 1 per real step; reset steps count for neither
-
-
-@pytest.mark.parametrize("backend", ["torch", "gymnasium"])
-def test_torch_rollout_never_reads_a_tensor_on_the_host(backend, monkeypatch):
-    """What would synchronise a GPU, made to fail on the CPU: the torch path must not touch it."""
-    envs = (ppo.TorchCartPole(8) if backend == "torch"
-            else ppo.NumpyToTorch(ppo.make_envs("CartPole-v1", 8), torch.device("cpu")))
-    collector, net = ppo.Collector(envs, 64, 0, torch.device("cpu")), small_net()
-
-    def host_read(*args, **kwargs):
-        raise AssertionError("host read during the rollout")
-
-    for name in ("item", "cpu", "numpy", "tolist", "__bool__", "nonzero"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    getitem = torch.Tensor.__getitem__
-
-    def no_boolean_masks(self, index):
-        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
-            host_read()
-        return getitem(self, index)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", no_boolean_masks)
-    if backend == "torch":
-        collector.collect(net, 0.99, torch.Generator().manual_seed(0))
-    else:  # the check can fail: gymnasium's envs need the actions on the host every step
-        with pytest.raises(AssertionError, match="host read"):
-            collector.collect(net, 0.99, torch.Generator().manual_seed(0))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_rollout_never_synchronises_and_the_users_command_runs(tmp_path):
-    device = torch.device("cuda")
-    collector = ppo.Collector(ppo.TorchCartPole(4096, device), 32, 0, device)
-    net, generator = small_net().to(device), torch.Generator(device=device).manual_seed(0)
-    collector.collect(net, 0.99, generator)  # warm-up: first allocations
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        collector.collect(net, 0.99, generator)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert ppo.main(["--device", "cuda", "--episodes", "2", "--no-gif", "--out-dir", str(tmp_path / "run")]) == 0
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["env_backend"] == "torch"
-
-
-def test_torch_backend_takes_its_preset_for_flags_not_given():
-    c = ppo.parse_args(["--env-backend", "torch", "--num-envs", "64"])
-    assert c.env_backend == "torch" and c.num_envs == 64
-    for key in ("buffer_size", "minibatch_size", "update_epochs", "lr"):
-        assert getattr(c, key) == ppo.TORCH_PRESET[key]
-    assert ppo.parse_args([]).env_backend == "gymnasium"  # CPU: gymnasium's native vector env is faster
-
-
-def test_auto_backend_is_torch_on_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert ppo.parse_args([]).env_backend == "torch"
-    assert ppo.parse_args(["--device", "cpu"]).env_backend == "gymnasium"
-    assert ppo.parse_args(["--env-id", "Acrobot-v1"]).env_backend == "gymnasium"
-    post = ppo.parse_args(ppo.POST_SETTINGS.split())  # make train-post on a GPU machine
-    assert post.env_backend == "gymnasium" and post.num_envs == 8 and post.buffer_size == 2048
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--env-backend", "torch", "--env-id", "Acrobot-v1"], "--env-backend"),
-    (["--env-backend", "torch", "--vectorization-mode", "sync"], "--vectorization-mode"),
-])
-def test_torch_backend_misuse_is_a_clean_error(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ppo.parse_args(argv)
-    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
-
-
-def test_few_episodes_in_one_iteration_keep_the_last_window_rule():
-    tracker = ppo.ReturnTracker(0.5, target_return=475, window=3)
-    tracker.add_iteration(np.array([475.0, 475.0]), np.array([1, 2]))  # 2 < window: judged one by one
-    after_each = tracker.add_iteration(np.array([475.0, 100.0]), np.array([3, 4]))
-    assert tracker.solved_at_step == 3  # the third episode completes a window at 475
-    assert [round(mean, 2) for _, mean, _ in after_each] == [475, round(1050 / 3, 2)]
-    assert after_each[-1][0] == 0.5 * 100 + 0.5 * 475 and after_each[-1][2] == pytest.approx(2 / 3)
-
-
-def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
-    tracker = ppo.ReturnTracker(0.1, target_return=475, window=100)
-    # 150 episodes end together: the 90 survivors at 500, sorted last, make "the last 100" read
-    # (10 * 400 + 90 * 500) / 100 = 490, solved by the last-100 rule; the mean of all 150,
-    # (60 * 400 + 90 * 500) / 150 = 460, is not.
-    returns = np.array([400.0] * 60 + [500.0] * 90)
-    tracker.add_iteration(returns, np.full(150, 10))
-    assert tracker.mean_recent == 490 and tracker.solved_at_step is None
-    tracker.add_iteration(np.full(150, 480.0), np.arange(150) + 20)
-    assert tracker.solved_at_step == 169
 
 
 # ==================================================================================================
@@ -438,6 +175,18 @@ def test_autoreset_steps_are_masked_and_nothing_else(mode):
         assert torch.equal(r.valid, 1 - ended_before)
         assert (r.rewards[r.valid == 0] == 0).all()  # reset steps: reward 0, no bootstrap
         assert r.dones.sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["gymnasium", "torch"])
+def test_collector_masks_autoreset_steps_on_both_backends(backend):
+    envs = ppo.make_envs("CartPole-v1", 4, torch.device("cpu"), backend)
+    collector = ppo.Collector(envs, 64, 0, torch.device("cpu"))
+    r = collector.collect(small_net(), 0.99, torch.Generator().manual_seed(0))
+    ended_before = torch.cat([torch.zeros(1, 4), r.dones[:-1]])
+    assert r.dones.sum() > 4 and torch.equal(r.valid, 1 - ended_before)
+    assert (r.rewards[r.valid == 0] == 0).all()
+    returns, lengths, _ = ppo.finished_episodes(r)
+    assert (returns == lengths).all()  # CartPole pays 1 per real step; reset steps count for neither
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -509,7 +258,7 @@ class EpisodeSpy(gym.vector.VectorWrapper):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_episode_returns_match_record_episode_statistics(mode):
-    spy = EpisodeSpy(ppo.make_envs("CartPole-v1", 4, mode))
+    spy = EpisodeSpy(gym.make_vec("CartPole-v1", 4, vectorization_mode=mode))
     collector = ppo.Collector(ppo.NumpyToTorch(spy, torch.device("cpu")), 16, 0, torch.device("cpu"))
     net, generator = small_net(), torch.Generator().manual_seed(0)
     returns, lengths = [], []
@@ -519,6 +268,48 @@ def test_episode_returns_match_record_episode_statistics(mode):
         lengths += ended_lengths.tolist()
     assert len(returns) > 10
     assert returns == spy.returns and lengths == spy.lengths
+
+
+@pytest.mark.parametrize("backend", ["torch", "gymnasium"])
+def test_torch_rollout_never_reads_a_tensor_on_the_host(backend, monkeypatch):
+    """What would synchronise a GPU, made to fail on the CPU: the torch path must not touch it."""
+    envs = ppo.make_envs("CartPole-v1", 8, torch.device("cpu"), backend)
+    collector, net = ppo.Collector(envs, 64, 0, torch.device("cpu")), small_net()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read during the rollout")
+
+    for name in ("item", "cpu", "numpy", "tolist", "__bool__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    getitem = torch.Tensor.__getitem__
+
+    def no_boolean_masks(self, index):
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            host_read()
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_boolean_masks)
+    if backend == "torch":
+        collector.collect(net, 0.99, torch.Generator().manual_seed(0))
+    else:  # the check can fail: gymnasium's envs need the actions on the host every step
+        with pytest.raises(AssertionError, match="host read"):
+            collector.collect(net, 0.99, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_rollout_never_synchronises_and_the_users_command_runs(tmp_path):
+    device = torch.device("cuda")
+    collector = ppo.Collector(ppo.TorchCartPole(4096, device), 32, 0, device)
+    net, generator = small_net().to(device), torch.Generator(device=device).manual_seed(0)
+    collector.collect(net, 0.99, generator)  # warm-up: first allocations
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        collector.collect(net, 0.99, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ppo.main(["--device", "cuda", "--episodes", "2", "--no-gif", "--out-dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["env_backend"] == "torch"
 
 
 # ==================================================================================================
@@ -617,8 +408,8 @@ def test_clipped_value_loss_hand_worked():
     # v=2, v_old=1, R=3: unclipped (2-3)^2 = 1, clipped v=1.2: 3.24 -> 3.24
     # v=0, v_old=0.5, R=0: unclipped 0, clipped v=0.3: 0.09 -> 0.09. Loss = 0.5 * (3.33 / 2).
     values, old, returns = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), torch.tensor([3.0, 0.0])
-    assert ppo.clipped_value_loss(values, old, returns, 0.2).item() == pytest.approx(0.8325)
-    assert ppo.clipped_value_loss(values, old, returns, None).item() == pytest.approx(0.25)
+    assert ppo.value_loss(values, old, returns, 0.2).item() == pytest.approx(0.8325)
+    assert ppo.value_loss(values, old, returns, None).item() == pytest.approx(0.25)
 
 
 def test_approx_kl_hand_worked_and_unbiased_for_the_true_kl():
@@ -628,13 +419,18 @@ def test_approx_kl_hand_worked_and_unbiased_for_the_true_kl():
     p_old, p_new = torch.softmax(old_logits, -1), torch.softmax(new_logits, -1)
     true_kl = (p_old * (p_old.log() - p_new.log())).sum().item()
     actions, old_logp = ppo.sample_actions(old_logits.expand(400_000, 3), torch.Generator().manual_seed(1))
-    estimate = ppo.approx_kl(ppo.log_prob_of(new_logits.expand(400_000, 3), actions), old_logp).item()
+    estimate = ppo.approx_kl(ppo.logprobs_of(new_logits.expand(400_000, 3), actions), old_logp).item()
     assert estimate == pytest.approx(true_kl, rel=0.03) and estimate >= 0
 
 
 # ==================================================================================================
-# Schedules
+# PPO update
 # ==================================================================================================
+
+
+def test_lr_anneals_only_when_asked():
+    assert ppo.lr_at(25, 100, 1e-3, anneal=True) == pytest.approx(7.5e-4)
+    assert ppo.lr_at(25, 100, 1e-3, anneal=False) == 1e-3
 
 
 def test_entropy_coef_anneals_linearly_to_its_floor():
@@ -645,61 +441,14 @@ def test_entropy_coef_anneals_linearly_to_its_floor():
     assert all(a >= b for a, b in zip(schedule, schedule[1:]))
 
 
-def test_lr_anneals_only_when_asked():
-    assert ppo.lr_at(25, 100, 1e-3, anneal=True) == pytest.approx(7.5e-4)
-    assert ppo.lr_at(25, 100, 1e-3, anneal=False) == 1e-3
-
-
-# ==================================================================================================
-# Optimiser
-# ==================================================================================================
-
-
-@pytest.mark.parametrize("max_norm", [0.5, None])
-def test_adam_and_clip_grad_norm_match_torch_step_for_step(max_norm):
-    nets = []
-    for ours in (True, False):
-        net = small_net(0)
-        params = list(net.parameters())
-        optimizer = ppo.Adam(params, 1e-2) if ours else torch.optim.Adam(params, 1e-2, foreach=False)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(25):
-            logits, values = net(torch.randn(64, 4, generator=g))
-            optimizer.zero_grad()
-            (logits.pow(2).mean() + (values - 3).pow(2).mean()).backward()
-            if max_norm is not None:
-                clip = ppo.clip_grad_norm if ours else torch.nn.utils.clip_grad_norm_
-                norm = clip(params, max_norm)
-                assert norm > max_norm  # the clip is really exercised
-            optimizer.step()
-        nets.append(net)
-    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
-        assert torch.allclose(a, b, atol=1e-7)
-
-
-def test_adam_lr_can_be_scheduled_between_steps():
-    param = torch.zeros(1, requires_grad=True)
-    optimizer = ppo.Adam([param], lr=0.1)
-    for lr in (0.1, 0.0):
-        optimizer.lr = lr
-        param.grad = torch.ones(1)
-        optimizer.step()
-    assert param.item() == pytest.approx(-0.1, abs=1e-6)  # the first Adam step is lr * sign(g)
-
-
-# ==================================================================================================
-# Update
-# ==================================================================================================
-
-
-def update(rollout, net=None, seed=0, **kwargs):
+def update(rollout, net=None, seed=0, optimizer=None, **kwargs):
     net = net or small_net(seed)
-    optimizer = ppo.Adam(net.parameters(), lr=3e-4)
+    optimizer = optimizer or torch.optim.Adam(net.parameters(), lr=3e-4)
     advantages, returns = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones,
                                           rollout.last_value, 0.99, 0.95)
     settings = dict(update_epochs=4, minibatch_size=16, clip_eps=0.2, value_clip_eps=0.2,
                     entropy_coef=0.01, value_coef=0.5, max_grad_norm=0.5) | kwargs
-    stats = ppo.update_policy(net, optimizer, rollout, advantages, returns,
+    stats = ppo.ppo_update(net, optimizer, rollout, advantages, returns,
                               generator=torch.Generator().manual_seed(seed), **settings)
     return net, stats
 
@@ -739,6 +488,35 @@ def test_update_ignores_the_invalid_autoreset_steps():
         assert torch.equal(a, b)
 
 
+def test_ppo_update_takes_any_torch_optimizer():
+    _, _, [rollout] = collect(num_envs=4, num_steps=32)
+    frozen = small_net()
+    before = [p.clone() for p in frozen.parameters()]
+    update(rollout, net=frozen, optimizer=torch.optim.SGD(frozen.parameters(), lr=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters()))
+    moved = small_net()
+    update(rollout, net=moved, optimizer=torch.optim.SGD(moved.parameters(), lr=0.1))
+    assert any(not torch.equal(a, b) for a, b in zip(before, moved.parameters()))
+
+
+def test_ppo_update_clips_the_gradient_norm_before_the_step():
+    _, _, [rollout] = collect(num_envs=4, num_steps=32)
+    norms = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.param_groups[0]["params"]])))
+            return super().step(closure)
+
+    net = small_net()
+    update(rollout, net=net, optimizer=RecordingSGD(net.parameters(), lr=1e-3), max_grad_norm=1e-3)
+    assert norms and all(norm <= 1e-3 * (1 + 1e-4) for norm in norms)
+    norms.clear()
+    net = small_net()
+    update(rollout, net=net, optimizer=RecordingSGD(net.parameters(), lr=1e-3), max_grad_norm=None)
+    assert max(norms) > 1e-2  # unclipped, the same update's gradients are far larger
+
+
 def test_explained_variance_against_its_formula():
     target, predicted = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.5, 2.0, 2.5, 4.0])
     expected = 1 - np.var([-0.5, 0, 0.5, 0], ddof=1) / np.var([1, 2, 3, 4], ddof=1)
@@ -747,25 +525,308 @@ def test_explained_variance_against_its_formula():
 
 
 # ==================================================================================================
-# Tracking and checkpoints
+# The training loop
 # ==================================================================================================
 
 
-def test_return_tracker_matches_a_plain_computation():
+QUICK = ["--buffer-size", "256", "--num-envs", "4", "--minibatch-size", "32", "--update-epochs", "2",
+         "--eval-episodes", "2"]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_iteration_run_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "2", "--out-dir", str(out)]) == 0
+    for name in ("best.pt", "final.pt", "metrics.csv", "episodes.csv", "summary.json", "training.png", "agent.gif"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("solved_at_step", "solved_at_seconds", "best_ema_return", "eval_return_mean", "env_steps",
+                "seconds", "config", "versions", "torch_threads", "device"):
+        assert key in summary
+    assert summary["env_steps"] == 512 and summary["config"]["buffer_size"] == 256
+    assert len(read_csv(out / "metrics.csv")) == 2
+    episodes = read_csv(out / "episodes.csv")
+    assert len(episodes) == summary["episodes"] > 0
+    assert all(0 < int(e["env_step"]) <= 512 for e in episodes)
+    ppo.load_agent(out / "best.pt")
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / name)])
+        rows = read_csv(tmp_path / name / "metrics.csv")
+        runs.append([{k: v for k, v in row.items() if k not in ("seconds", "steps_per_second")} for row in rows])
+    assert runs[0] == runs[1]
+
+
+def test_the_loop_sets_the_scheduled_lr_on_the_optimizer_each_iteration(tmp_path, monkeypatch):
+    real_update, seen = ppo.ppo_update, []
+
+    def recording_update(net, optimizer, *args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return real_update(net, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", recording_update)
+    ppo.main(QUICK + ["--episodes", "4", "--lr", "0.01", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")])
+    assert seen == [[pytest.approx(0.01 * (1 - i / 4))] for i in range(4)]
+
+
+def test_train_resolves_a_config_as_parse_args_does(tmp_path):
+    out = str(tmp_path / "run")
+    direct = ppo.train(ppo.Config(num_iterations=1, num_envs=4, buffer_size=256, confirm_episodes=0, eval_episodes=1,
+                                  plot=False, gif=False, out_dir=out))["config"]
+    parsed = ppo.parse_args(["--episodes", "1", "--num-envs", "4", "--buffer-size", "256", "--confirm-episodes", "0",
+                             "--eval-episodes", "1", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "other")])
+    assert direct == dataclasses.asdict(parsed) | {"out_dir": out}
+    assert (direct["minibatch_size"], direct["target_return"], direct["env_backend"]) == (256, 475.0, "gymnasium")
+
+
+def test_stop_when_solved_stops_at_the_solve_without_confirmation(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "50", "--target-return", "12", "--stop-when-solved", "--confirm-episodes",
+                             "0", "--no-plot", "--no-gif", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None and summary["iterations"] == summary["solved_at_iteration"] + 1
+
+
+def test_ctrl_c_keeps_metrics_best_and_final_and_exits_130(tmp_path, monkeypatch):
+    real_update, calls = ppo.ppo_update, []
+
+    def interrupted_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == 130
+    assert len(read_csv(out / "metrics.csv")) == 2
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    for name in ("best.pt", "final.pt", "training.png"):
+        assert (out / name).exists()
+
+
+# ==================================================================================================
+# Settings: backend sizes, resolve, flags, validation
+# ==================================================================================================
+
+
+def test_posts_settings_are_the_posts_hyper_parameters():
+    c = ppo.parse_args(ppo.POST_SETTINGS.split())
+    assert (c.vectorization_mode, c.num_envs, c.buffer_size, c.minibatch_size, c.update_epochs, c.lr) == \
+        ("sync", 8, 2048, 64, 4, 1e-4)
+    assert (c.gamma, c.gae_lambda, c.entropy_coef, c.entropy_floor, c.value_coef, c.clip_eps) == \
+        (0.99, 0.95, 0.02, 0.001, 0.5, 0.2)
+    assert c.value_clip_eps == 0.2 and not c.anneal_lr and c.max_grad_norm is None
+
+
+def test_torch_backend_takes_its_preset_for_flags_not_given():
+    c = ppo.parse_args(["--env-backend", "torch", "--num-envs", "64"])
+    assert c.env_backend == "torch" and c.num_envs == 64
+    for key in ("buffer_size", "minibatch_size"):
+        assert getattr(c, key) == ppo.BACKEND_SIZES["torch"][key]
+    assert ppo.parse_args(["--env-backend", "torch", "--num-envs", "32"]).num_envs == 32  # given = kept, even
+    # when it equals the gymnasium size
+    assert ppo.parse_args([]).env_backend == "gymnasium"  # CPU: gymnasium's native vector env is faster
+
+
+def test_auto_backend_is_torch_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ppo.parse_args([]).env_backend == "torch"
+    assert ppo.parse_args(["--device", "cpu"]).env_backend == "gymnasium"
+    assert ppo.parse_args(["--env-id", "Acrobot-v1"]).env_backend == "gymnasium"
+    post = ppo.parse_args(ppo.POST_SETTINGS.split())  # make train-post on a GPU machine
+    assert post.env_backend == "gymnasium" and post.num_envs == 8 and post.buffer_size == 2048
+
+
+BAD_ARGS = [
+    (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--episodes", "0"], "--episodes"), (["--iterations", "-3"], "--episodes"),
+    (["--num-envs", "0"], "--num-envs"), (["--update-epochs", "0"], "--update-epochs"),
+    (["--minibatch-size", "0"], "--minibatch-size"), (["--minibatch-size", "4096"], "--minibatch-size"),
+    (["--buffer-size", "2050"], "--buffer-size"), (["--buffer-size", "0"], "--buffer-size"),
+    (["--clip-eps", "0"], "--clip-eps"), (["--clip-eps", "1"], "--clip-eps"),
+    (["--gamma", "1.01"], "--gamma"), (["--gamma", "-0.1"], "--gamma"), (["--gae-lambda", "2"], "--gae-lambda"),
+    (["--entropy-coef", "-0.1"], "--entropy-coef"), (["--entropy-floor", "-1"], "--entropy-floor"),
+    (["--value-coef", "-0.5"], "--value-coef"), (["--value-clip-eps", "0"], "--value-clip-eps"),
+    (["--target-kl", "0"], "--target-kl"), (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--ema-alpha", "0"], "--ema-alpha"), (["--eval-episodes", "0"], "--eval-episodes"),
+    (["--threads", "0"], "--threads"), (["--lr", "fast"], "--lr"), (["--device", "tpu"], "--device"),
+    (["--env-id", "NoSuchEnv-v0"], "--env-id"),
+    (["--env-id", "Pendulum-v1", "--target-return", "0"], "--env-id"),  # continuous actions
+    (["--env-id", "Blackjack-v1", "--target-return", "0"], "--env-id"),  # tuple observation
+    (["--env-id", "FrozenLake-v1"], "--env-id"),  # discrete observation
+    (["--env-id", "Acrobot-v1", "--vectorization-mode", "vector_entry_point"], "--vectorization-mode"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_input_is_one_error_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and flag in error_lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--env-backend", "torch", "--env-id", "Acrobot-v1"], "--env-backend"),
+    (["--env-backend", "torch", "--vectorization-mode", "sync"], "--vectorization-mode"),
+])
+def test_torch_backend_misuse_is_a_clean_error(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(argv)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_env_without_reward_threshold_needs_target_return(capsys):
+    gym.register("NoThresholdCartPole-v0", entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
+                 max_episode_steps=50)
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--env-id", "NoThresholdCartPole-v0"])
+    assert "--target-return" in capsys.readouterr().err
+    assert ppo.parse_args(["--env-id", "NoThresholdCartPole-v0", "--target-return", "40"]).target_return == 40
+
+
+def test_cuda_requested_without_cuda_is_a_clean_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device" in capsys.readouterr().err
+    assert ppo.resolve_device("auto") == torch.device("cpu")
+
+
+def test_out_dir_that_is_a_file_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for out_dir in ("taken", "taken/run"):
+        with pytest.raises(SystemExit) as exit_info:
+            ppo.parse_args(["--out-dir", str(tmp_path / out_dir)])
+        assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+
+
+def test_out_dir_with_an_earlier_run_is_refused_so_nothing_is_overwritten(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"the only copy of a good policy")
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+    assert (tmp_path / "run" / "best.pt").read_bytes() == b"the only copy of a good policy"
+    ppo.parse_args(["--out-dir", str(tmp_path / "run"), "--eval", str(tmp_path / "run" / "best.pt")])  # eval: fine
+
+
+def test_default_out_dir_is_the_checked_one_and_an_earlier_run_there_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = ppo.parse_args(["--seed", "7"])
+    assert config.out_dir.startswith("runs/CartPole-v1__seed7__")  # resolved once, used by train
+    Path(config.out_dir).mkdir(parents=True)
+    (Path(config.out_dir) / "summary.json").write_text("{}")  # a run launched in the same second
+    monkeypatch.setattr(ppo, "default_out_dir", lambda env_id, seed: config.out_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(["--seed", "7"])
+    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    with pytest.raises(SystemExit):
+        ppo.main(["--clip-eps", "1.5", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_shell_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "ppo_cartpole.py", "--minibatch-size", "99999"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert proc.returncode == 2
+    assert "error: argument --minibatch-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ==================================================================================================
+# CartPole in torch
+# ==================================================================================================
+
+
+def twin_envs(num_envs, seed=0):
+    """gymnasium's CartPoleVectorEnv and a float64 TorchCartPole starting from its states."""
+    gym_envs = CartPoleVectorEnv(num_envs=num_envs)
+    gym_envs.reset(seed=seed)
+    torch_envs = ppo.TorchCartPole(num_envs, dtype=torch.float64)
+    torch_envs.reset(seed=seed)
+    torch_envs.state = torch.tensor(gym_envs.state.T.copy())  # gymnasium stores [4, N]
+    return gym_envs, torch_envs
+
+
+@pytest.mark.parametrize("action", [0, 1])
+def test_torch_cartpole_step_matches_gymnasium_to_1e12(action):
+    rng = np.random.default_rng(action)
+    gym_envs, torch_envs = twin_envs(2000)
+    states = rng.uniform([-2.4, -3.0, -0.21, -3.0], [2.4, 3.0, 0.21, 3.0], size=(2000, 4))
+    gym_envs.state = states.T.copy()
+    torch_envs.state = torch.tensor(states)
+    obs, reward, terminated, truncated, _ = gym_envs.step(np.full(2000, action))
+    t_obs, t_reward, t_terminated, t_truncated, _ = torch_envs.step(torch.full((2000,), action))
+    assert np.abs(torch_envs.state.numpy() - gym_envs.state.T).max() < 1e-12
+    assert 0 < terminated.sum() < 2000  # both outcomes exercised
+    assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
+    assert (t_reward.numpy() == reward).all() and t_obs.dtype == torch.float32
+    assert np.allclose(t_obs.numpy(), obs)
+
+
+def test_torch_cartpole_short_random_episodes_match_to_the_end():
     rng = np.random.default_rng(0)
-    returns = np.concatenate([rng.uniform(0, 300, 120), np.full(150, 500.0)])
-    tracker = ppo.ReturnTracker(ema_alpha=0.1, target_return=475, window=100)
-    ema, solved_at = None, None
-    for i, r in enumerate(returns):
-        tracker.add(r, env_step=10 * i)
-        ema = r if ema is None else 0.1 * r + 0.9 * ema
-        window = returns[max(0, i - 99): i + 1]
-        if solved_at is None and len(window) == 100 and window.mean() >= 475:
-            solved_at = 10 * i
-        assert tracker.ema == pytest.approx(ema)
-        assert tracker.mean_recent == pytest.approx(window.mean())
-        assert tracker.success_rate == pytest.approx((window >= 475).mean())
-    assert tracker.solved_at_step == solved_at is not None
+    gym_envs, torch_envs = twin_envs(64, seed=5)
+    ended = np.zeros(64, dtype=bool)
+    for _ in range(200):
+        actions = rng.integers(0, 2, 64)
+        _, reward, terminated, truncated, _ = gym_envs.step(actions)
+        _, t_reward, t_terminated, t_truncated, _ = torch_envs.step(torch.as_tensor(actions))
+        live = ~ended  # after its end each env resets from its own random stream: not compared
+        assert np.abs(torch_envs.state.numpy()[live] - gym_envs.state.T[live]).max(initial=0) < 1e-9
+        assert (t_terminated.numpy()[live] == terminated[live]).all()
+        assert (t_reward.numpy()[live] == reward[live]).all() and not truncated[live].any()
+        ended |= terminated
+        if ended.all():
+            break
+    assert ended.all()  # every episode played to its terminating step
+
+
+def test_torch_cartpole_truncates_at_500_with_both_flags_when_the_pole_also_falls():
+    gym_envs, torch_envs = twin_envs(2)
+    balanced, falling = np.zeros(4), np.array([0.0, 0.0, 0.2094, 2.0])  # falling: over 12 degrees next step
+    for step in range(1, 501):
+        states = np.stack([balanced, falling if step == 500 else balanced])
+        gym_envs.state, torch_envs.state = states.T.copy(), torch.tensor(states)
+        _, _, terminated, truncated, _ = gym_envs.step(np.array([0, 1]))
+        _, _, t_terminated, t_truncated, _ = torch_envs.step(torch.tensor([0, 1]))
+        assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
+        assert truncated.any() == (step == 500)
+    assert truncated.tolist() == [True, True] and terminated.tolist() == [False, True]
+
+
+def test_torch_cartpole_autoresets_on_the_next_step():
+    envs = ppo.TorchCartPole(3, max_episode_steps=4)
+    envs.reset(seed=0)
+    out = [envs.step(torch.tensor([0, 1, 0])) for _ in range(5)]
+    assert [o[1].tolist() for o in out] == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert out[3][3].all() and not out[4][2].any() and not out[4][3].any()
+    assert (out[4][0].abs() < 0.05).all() and envs.steps.tolist() == [0, 0, 0]  # fresh states, count restarted
+
+
+def test_torch_cartpole_seeding_is_reproducible():
+    first = [ppo.TorchCartPole(8).reset(seed=s)[0] for s in (3, 3, 4)]
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+    assert (first[0].abs() < 0.05).all()
+
+
+# ==================================================================================================
+# Checkpoints
+# ==================================================================================================
 
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path):
@@ -816,56 +877,9 @@ def test_eval_of_a_bad_checkpoint_is_a_clean_error(tmp_path, capsys, name):
 
 
 # ==================================================================================================
-# Plot and GIF
+# The best policy
 # ==================================================================================================
 
-
-def test_plot_writes_a_valid_png(tmp_path):
-    episodes = [dict(env_step=10 * i, **{"return": i}, ema_return=i, mean100_return=i, success_rate=0.0)
-                for i in range(1, 50)]
-    keys = ["env_steps", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance"]
-    metrics = [{k: (i + 1) * 0.1 for k in keys} for i in range(5)]
-    ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
-    with Image.open(tmp_path / "training.png") as image:
-        assert image.format == "PNG" and image.size[0] > 500
-
-
-def test_gif_is_a_small_valid_animation_of_a_greedy_episode(tmp_path):
-    net = small_net()
-    total = ppo.render_gif(net, "CartPole-v1", tmp_path / "agent.gif", seed=3)
-    with Image.open(tmp_path / "agent.gif") as image:
-        assert image.format == "GIF" and image.is_animated and image.size == (300, 200)
-        # every 2nd frame plus the last; Pillow may merge identical neighbours
-        assert 2 <= image.n_frames <= math.ceil(total / 2) + 1
-    assert (tmp_path / "agent.gif").stat().st_size < 3_000_000
-    assert 1 <= total <= 500
-
-
-# ==================================================================================================
-# Evaluation
-# ==================================================================================================
-
-
-def test_evaluate_counts_the_first_episode_of_each_env_once():
-    net = small_net()
-    with torch.no_grad():
-        net.policy_head.bias.copy_(torch.tensor([5.0, -5.0]))  # always push left: short episodes
-    returns = ppo.evaluate(net, "CartPole-v1", 6, seed=11)
-    # Independent count: the same envs stepped with action 0 until each first ends.
-    envs = gym.make_vec("CartPole-v1", num_envs=6)
-    envs.reset(seed=11)
-    lengths, alive = np.zeros(6), np.ones(6, dtype=bool)
-    while alive.any():
-        _, _, terminated, truncated, _ = envs.step(np.zeros(6, dtype=np.int64))
-        lengths += alive
-        alive &= ~(terminated | truncated)
-    assert returns.tolist() == lengths.tolist()
-    assert (returns < 20).all()
-
-
-# ==================================================================================================
-# Train and main
-# ==================================================================================================
 
 def controller(gains):
     """An ActorCritic whose greedy action is 1 (push right) iff gains . obs > 0: a hand-made policy."""
@@ -912,49 +926,6 @@ def test_best_policy_without_confirmation_is_the_posts_ema_rule(tmp_path):
     assert fresh.consider(good, ema=None, always=True)  # ... unless nothing was saved at all
 
 
-QUICK = ["--buffer-size", "256", "--num-envs", "4", "--minibatch-size", "32", "--update-epochs", "2",
-         "--eval-episodes", "2"]
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def test_two_iteration_run_writes_every_artifact(tmp_path):
-    out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "2", "--out-dir", str(out)]) == 0
-    for name in ("best.pt", "final.pt", "metrics.csv", "episodes.csv", "summary.json", "training.png", "agent.gif"):
-        assert (out / name).stat().st_size > 0, name
-    summary = json.loads((out / "summary.json").read_text())
-    for key in ("solved_at_step", "solved_at_seconds", "best_ema_return", "eval_return_mean", "env_steps",
-                "seconds", "config", "versions", "torch_threads", "device"):
-        assert key in summary
-    assert summary["env_steps"] == 512 and summary["config"]["buffer_size"] == 256
-    assert len(read_csv(out / "metrics.csv")) == 2
-    episodes = read_csv(out / "episodes.csv")
-    assert len(episodes) == summary["episodes"] > 0
-    assert all(0 < int(e["env_step"]) <= 512 for e in episodes)
-    ppo.load_agent(out / "best.pt")
-
-
-def test_same_seed_gives_identical_metrics(tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / name)])
-        rows = read_csv(tmp_path / name / "metrics.csv")
-        runs.append([{k: v for k, v in row.items() if k not in ("seconds", "steps_per_second")} for row in rows])
-    assert runs[0] == runs[1]
-
-
-def test_stop_when_solved_stops_at_the_solve_without_confirmation(tmp_path):
-    out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "50", "--target-return", "12", "--stop-when-solved", "--confirm-episodes",
-                             "0", "--no-plot", "--no-gif", "--out-dir", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["solved_at_step"] is not None and summary["iterations"] == summary["solved_at_iteration"] + 1
-
-
 def test_without_confirmation_best_pt_is_the_ema_best_not_the_final_weights(tmp_path):
     out = tmp_path / "run"
     assert ppo.main(QUICK + ["--episodes", "12", "--confirm-episodes", "0", "--no-plot", "--no-gif",
@@ -976,22 +947,105 @@ def test_stop_when_solved_waits_until_best_pt_plays_the_target(tmp_path):
     assert ppo.evaluate(net, "CartPole-v1", 20, seed=1 + ppo.CONFIRM_SEED_OFFSET).mean() >= 40
 
 
-def test_ctrl_c_keeps_metrics_best_and_final_and_exits_130(tmp_path, monkeypatch):
-    real_update, calls = ppo.update_policy, []
+# ==================================================================================================
+# The run log
+# ==================================================================================================
 
-    def interrupted_update(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "update_policy", interrupted_update)
-    out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == 130
-    assert len(read_csv(out / "metrics.csv")) == 2
-    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
-    for name in ("best.pt", "final.pt", "training.png"):
-        assert (out / name).exists()
+def test_return_tracker_matches_a_plain_computation():
+    rng = np.random.default_rng(0)
+    returns = np.concatenate([rng.uniform(0, 300, 120), np.full(150, 500.0)])
+    tracker = ppo.ReturnTracker(ema_alpha=0.1, target_return=475, window=100)
+    ema, solved_at = None, None
+    for i, r in enumerate(returns):
+        tracker.add(r, env_step=10 * i)
+        ema = r if ema is None else 0.1 * r + 0.9 * ema
+        window = returns[max(0, i - 99): i + 1]
+        if solved_at is None and len(window) == 100 and window.mean() >= 475:
+            solved_at = 10 * i
+        assert tracker.ema == pytest.approx(ema)
+        assert tracker.mean_recent == pytest.approx(window.mean())
+        assert tracker.success_rate == pytest.approx((window >= 475).mean())
+    assert tracker.solved_at_step == solved_at is not None
+
+
+def test_few_episodes_in_one_iteration_keep_the_last_window_rule():
+    tracker = ppo.ReturnTracker(0.5, target_return=475, window=3)
+    tracker.add_iteration(np.array([475.0, 475.0]), np.array([1, 2]))  # 2 < window: judged one by one
+    after_each = tracker.add_iteration(np.array([475.0, 100.0]), np.array([3, 4]))
+    assert tracker.solved_at_step == 3  # the third episode completes a window at 475
+    assert [round(mean, 2) for _, mean, _ in after_each] == [475, round(1050 / 3, 2)]
+    assert after_each[-1][0] == 0.5 * 100 + 0.5 * 475 and after_each[-1][2] == pytest.approx(2 / 3)
+
+
+def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
+    tracker = ppo.ReturnTracker(0.1, target_return=475, window=100)
+    # 150 episodes end together: the 90 survivors at 500, sorted last, make "the last 100" read
+    # (10 * 400 + 90 * 500) / 100 = 490, solved by the last-100 rule; the mean of all 150,
+    # (60 * 400 + 90 * 500) / 150 = 460, is not.
+    returns = np.array([400.0] * 60 + [500.0] * 90)
+    tracker.add_iteration(returns, np.full(150, 10))
+    assert tracker.mean_recent == 490 and tracker.solved_at_step is None
+    tracker.add_iteration(np.full(150, 480.0), np.arange(150) + 20)
+    assert tracker.solved_at_step == 169
+
+
+# ==================================================================================================
+# Plot
+# ==================================================================================================
+
+
+def test_plot_writes_a_valid_png(tmp_path):
+    episodes = [dict(env_step=10 * i, **{"return": i}, ema_return=i, mean100_return=i, success_rate=0.0)
+                for i in range(1, 50)]
+    keys = ["env_steps", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance"]
+    metrics = [{k: (i + 1) * 0.1 for k in keys} for i in range(5)]
+    ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    with Image.open(tmp_path / "training.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
+
+
+# ==================================================================================================
+# GIF
+# ==================================================================================================
+
+
+def test_gif_is_a_small_valid_animation_of_a_greedy_episode(tmp_path):
+    net = small_net()
+    total = ppo.render_gif(net, "CartPole-v1", tmp_path / "agent.gif", seed=3)
+    with Image.open(tmp_path / "agent.gif") as image:
+        assert image.format == "GIF" and image.is_animated and image.size == (300, 200)
+        # every 2nd frame plus the last; Pillow may merge identical neighbours
+        assert 2 <= image.n_frames <= math.ceil(total / 2) + 1
+    assert (tmp_path / "agent.gif").stat().st_size < 3_000_000
+    assert 1 <= total <= 500
+
+
+# ==================================================================================================
+# Evaluation
+# ==================================================================================================
+
+
+def test_evaluate_counts_the_first_episode_of_each_env_once():
+    net = small_net()
+    with torch.no_grad():
+        net.policy_head.bias.copy_(torch.tensor([5.0, -5.0]))  # always push left: short episodes
+    returns = ppo.evaluate(net, "CartPole-v1", 6, seed=11)
+    # Independent count: the same envs stepped with action 0 until each first ends.
+    envs = gym.make_vec("CartPole-v1", num_envs=6)
+    envs.reset(seed=11)
+    lengths, alive = np.zeros(6), np.ones(6, dtype=bool)
+    while alive.any():
+        _, _, terminated, truncated, _ = envs.step(np.zeros(6, dtype=np.int64))
+        lengths += alive
+        alive &= ~(terminated | truncated)
+    assert returns.tolist() == lengths.tolist()
+    assert (returns < 20).all()
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
 
 
 def test_eval_flag_evaluates_and_writes_a_gif_without_training(tmp_path, capsys):
@@ -999,6 +1053,21 @@ def test_eval_flag_evaluates_and_writes_a_gif_without_training(tmp_path, capsys)
     assert ppo.main(["--eval", str(tmp_path / "best.pt"), "--eval-episodes", "3"]) == 0
     assert "mean" in capsys.readouterr().out
     assert (tmp_path / "eval_best.gif").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+# ==================================================================================================
+# Learning (slow: make test-slow)
+# ==================================================================================================
+
+
+@pytest.mark.slow
+def test_defaults_solve_cartpole_and_best_pt_plays_475(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(["--stop-when-solved", "--episodes", "400", "--no-gif", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None
+    net, _ = ppo.load_agent(out / "best.pt")
+    assert ppo.evaluate(net, "CartPole-v1", 20, seed=12345).mean() >= 475
 
 
 @pytest.mark.slow
@@ -1011,13 +1080,3 @@ def test_torch_backend_on_the_cpu_solves_gymnasiums_cartpole(tmp_path):
     assert summary["solved_at_step"] is not None and summary["config"]["env_backend"] == "torch"
     net, _ = ppo.load_agent(out / "best.pt")
     assert ppo.evaluate(net, "CartPole-v1", 20, seed=12345).mean() >= 475  # gymnasium's own env
-
-
-@pytest.mark.slow
-def test_defaults_solve_cartpole_and_best_pt_plays_475(tmp_path):
-    out = tmp_path / "run"
-    assert ppo.main(["--stop-when-solved", "--episodes", "400", "--no-gif", "--out-dir", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["solved_at_step"] is not None
-    net, _ = ppo.load_agent(out / "best.pt")
-    assert ppo.evaluate(net, "CartPole-v1", 20, seed=12345).mean() >= 475

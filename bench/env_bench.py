@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -42,7 +43,7 @@ def steps_per_second(step, num_envs: int, seconds: float = 1.0, sync=lambda: Non
 
 
 def gymnasium_stepping(num_envs: int) -> float:
-    envs = ppo.make_envs("CartPole-v1", num_envs, "vector_entry_point")
+    envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
     envs.reset(seed=0)
     actions = np.random.default_rng(0).integers(0, 2, (64, num_envs))
     counter = iter(range(10**9))
