@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -394,7 +395,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     target_kl: once a minibatch's approx KL (before its step) exceeds it, that step is skipped and
     the rest of this update ends. Returns the means over the minibatches run of the losses,
     entropy, approx KL and clip fraction; the explained variance of V_old; epochs completed and
-    minibatches run.
+    minibatches run; and `nonfinite`: which of "loss", "gradient norm", "parameters" went NaN or
+    infinite in this update (empty when all is well: a diverging run is stopped on it).
     """
     valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
     b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
@@ -409,6 +411,7 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
     # Sums kept as tensors on the device: an .item() per minibatch would make a GPU wait each time.
     totals = torch.zeros(5, device=b_obs.device)  # policy loss, value loss, entropy, approx KL, clip fraction
+    finite = torch.ones(2, dtype=torch.bool, device=b_obs.device)  # loss, gradient norm: checked, not read, here
     minibatches = epochs = 0
     kl_stop = False
     for _ in range(update_epochs):
@@ -427,20 +430,24 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 
             optimizer.zero_grad()
             loss.backward()
-            if max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)  # inf: measure only
             optimizer.step()
 
             with torch.no_grad():
                 clip_fraction = ((torch.exp(logprobs - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
                 totals += torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction])
+                finite &= torch.stack([loss.isfinite(), grad_norm.isfinite()])
             minibatches += 1
         if kl_stop:
             break  # ends the rest of *this* update; the next rollout updates again
         epochs += 1
-    means = [total / max(minibatches, 1) for total in totals.tolist()]  # read on the host once, here
-    stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
-    stats.update(explained_variance=explained_variance(b_values, b_returns), epochs=epochs, minibatches=minibatches)
+    params_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all().unsqueeze(0)
+    *sums, loss_finite, grad_finite, params_finite = torch.cat([totals, finite, params_finite]).tolist()  # one read
+    stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"),
+                     [total / max(minibatches, 1) for total in sums]))
+    stats.update(explained_variance=explained_variance(b_values, b_returns), epochs=epochs, minibatches=minibatches,
+                 nonfinite=[name for name, ok in (("loss", loss_finite), ("gradient norm", grad_finite),
+                                                  ("parameters", params_finite)) if not ok])
     return stats
 
 
@@ -458,8 +465,10 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
 def train(config: Config) -> dict:
     """Train PPO as configured, write the run folder, return the summary (also summary.json).
 
-    Ctrl-C ends the loop early; the metrics, final.pt, the plot and the summary are still written
-    and the summary says "interrupted": true.
+    Ctrl-C (or SIGTERM, where main turns it into the same KeyboardInterrupt) ends the loop early;
+    the metrics, final.pt, the plot and the summary are still written and the summary says
+    "interrupted": true. A NaN or infinite loss, gradient norm or parameter ends it too
+    ("diverged": true), and best.pt keeps the last finite policy.
     """
     config = resolve(config)
     device = torch.device(config.device)
@@ -493,9 +502,9 @@ def train(config: Config) -> dict:
             # 4. Log: episodes, metrics, best.pt; the run log says when a --stop-when-solved run is done.
             if log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=entropy_coef):
                 break
-    except KeyboardInterrupt:
-        log.interrupted = True
-        print("\ninterrupted: writing final.pt, metrics, plot and summary", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        log.interrupted = exc.args[0] if exc.args else "SIGINT"
+        print(f"\n{log.interrupted}: writing final.pt, metrics, plot and summary", file=sys.stderr)
     finally:
         envs.close()
     return log.finish(net)
@@ -594,10 +603,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     config = Config(**vars(parser.parse_args(argv)))
     if config.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: must be auto or cpu: CUDA is not available on this machine")
-    if config.eval is None:
-        check_env(parser, config)  # before resolve, which reads the env's spec
+    check_numbers(parser, config)
+    obs_dim = check_env(parser, config) if config.eval is None else 4  # before resolve, which reads the env's spec
     config = resolve(config)
     check_config(parser, config)
+    check_memory(parser, config, obs_dim)
+    make_run_folder(parser, config)
     return config
 
 
@@ -607,8 +618,8 @@ def require(parser: argparse.ArgumentParser, ok: bool, flag: str, allowed: str) 
         parser.error(f"argument {flag}: must be {allowed}")
 
 
-def check_env(parser: argparse.ArgumentParser, config: Config) -> None:
-    """Make the env once to check what PPO here relies on."""
+def check_env(parser: argparse.ArgumentParser, config: Config) -> int:
+    """Make the env once to check what PPO here relies on; returns its observation size D."""
     try:
         spec = gym.spec(config.env_id)
         env = gym.make(config.env_id)
@@ -624,6 +635,22 @@ def check_env(parser: argparse.ArgumentParser, config: Config) -> None:
             "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
     require(parser, config.target_return is not None or spec.reward_threshold is not None, "--target-return",
             f"given for {config.env_id}, which has no reward_threshold")
+    return observation_space.shape[0]
+
+
+EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
+CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_SEED = 2**31 - 1 - CONFIRM_SEED_OFFSET  # numpy, torch and gymnasium all take seeds in [0, 2**31)
+
+
+def check_numbers(parser: argparse.ArgumentParser, config: Config) -> None:
+    """Every float flag a finite float32 number (what torch computes in): nan and inf never train."""
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if isinstance(value, float):
+            require(parser, math.isfinite(value) and abs(value) <= FLOAT32_MAX, "--" + field.name.replace("_", "-"),
+                    f"a finite number, got {value}")
 
 
 def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
@@ -636,7 +663,7 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
               f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
         check(c.vectorization_mode == "auto", "--vectorization-mode",
               "left out with --env-backend torch, which steps its own vectorised CartPole")
-    check(c.num_iterations > 0, "--num-iterations/--episodes", "a positive integer")
+    check(0 < c.num_iterations <= 10**9, "--num-iterations/--episodes", "a positive integer up to 1e9")
     check(c.num_envs > 0, "--num-envs", "a positive integer")
     check(c.buffer_size > 0, "--buffer-size", "a positive integer")
     check(c.buffer_size % c.num_envs == 0, "--buffer-size",
@@ -644,10 +671,10 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
     check(c.minibatch_size > 0, "--minibatch-size", "a positive integer")
     check(c.minibatch_size <= c.buffer_size, "--minibatch-size",
           f"at most --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
-    check(c.update_epochs > 0, "--update-epochs", "a positive integer")
+    check(0 < c.update_epochs <= 10**6, "--update-epochs", "a positive integer up to 1e6")
     check(0 < c.clip_eps < 1, "--clip-eps", f"in (0, 1), got {c.clip_eps}")
     check(c.value_clip_eps is None or c.value_clip_eps > 0, "--value-clip-eps", "positive")
-    check(c.lr > 0 and math.isfinite(c.lr), "--lr", f"a positive number, got {c.lr}")
+    check(0 < c.lr <= 1e30, "--lr", f"a positive number up to 1e30, got {c.lr}")
     check(0 <= c.gamma <= 1, "--gamma", f"in [0, 1], got {c.gamma}")
     check(0 <= c.gae_lambda <= 1, "--gae-lambda", f"in [0, 1], got {c.gae_lambda}")
     check(c.entropy_coef >= 0, "--entropy-coef", "non-negative (>= 0)")
@@ -657,7 +684,9 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
     check(c.max_grad_norm is None or c.max_grad_norm > 0, "--max-grad-norm", "non-negative (>= 0)")
     check(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
     check(c.confirm_episodes >= 0, "--confirm-episodes", "non-negative (>= 0)")
-    check(c.threads > 0, "--threads", "a positive integer")
+    check(0 <= c.seed <= MAX_SEED, "--seed", f"in [0, {MAX_SEED}], got {c.seed}")
+    cores = os.cpu_count() or 1
+    check(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
     check(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
     out_dir = Path(c.out_dir or "runs")
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." always exists
@@ -668,6 +697,59 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
         # Never overwrite a run: its best.pt may be all the user has of it.
         taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
         check(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
+
+
+def memory_needed(c: Config, obs_dim: int) -> dict[str, int]:
+    """Rough bytes a run holds at once, by what the user sets: the rollout's [T, N] tensors and
+    the update's flattened copies, one minibatch's activations, the envs (a Python object each
+    under SyncVectorEnv, a few numbers each in a native or torch vector env) and the vector env
+    of the evaluation and the best.pt checks."""
+    per_env = 20_000 if c.vectorization_mode == "sync" else 200
+    eval_envs = max(c.eval_episodes, c.confirm_episodes) * (200 if c.env_id == "CartPole-v1" else 20_000)
+    return {"--buffer-size": c.buffer_size * (obs_dim + 10) * 4 * 3, "--minibatch-size": c.minibatch_size * 64 * 4 * 12,
+            "--num-envs": c.num_envs * per_env, "--eval-episodes/--confirm-episodes": eval_envs}
+
+
+def available_memory(device: str) -> int:
+    """Free bytes: the GPU's on cuda; else MemAvailable from /proc/meminfo, or all physical memory."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(parser: argparse.ArgumentParser, c: Config, obs_dim: int) -> None:
+    """Refuse a run that would not fit in memory, before it starts (and thrashes or crashes)."""
+    needed = memory_needed(c, obs_dim)
+    available = available_memory(c.device)
+    if sum(needed.values()) > 0.8 * available:
+        flag = max(needed, key=needed.get)
+        sizes = (f"--num-envs {c.num_envs} x --buffer-size {c.buffer_size} x --minibatch-size {c.minibatch_size}, "
+                 f"--eval-episodes {c.eval_episodes}, --confirm-episodes {c.confirm_episodes}")
+        require(parser, False, flag, f"smaller: {sizes} need ~{sum(needed.values()) / 2**30:.1f} GiB, "
+                f"{c.device} has {available / 2**30:.1f} GiB available")
+
+
+def make_run_folder(parser: argparse.ArgumentParser, c: Config) -> None:
+    """Prove the run folder can be created and written by doing it; on failure remove what was made."""
+    if c.eval is not None and c.out_dir is None:
+        return  # --eval writes its GIF beside the checkpoint
+    out_dir = Path(c.out_dir)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        parser.error(f"argument --out-dir: must be a folder that can be created and written to "
+                     f"({out_dir}: {exc.strerror or exc})")
 
 
 # ==================================================================================================
@@ -852,8 +934,6 @@ class BestPolicy:
 # The run log: episodes, returns, metrics, progress, summary
 # ==================================================================================================
 
-EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
-CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
 METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
                  "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
                  "explained_variance", "epochs", "minibatches", "episodes", "last_return",
@@ -925,6 +1005,11 @@ class ReturnTracker:
         return sum(r >= self.target_return for r in self.recent) / len(self.recent) if self.recent else float("nan")
 
 
+def finite_or_none(value: float) -> float | None:
+    """For summary.json, which (as JSON) has no NaN: None in its place."""
+    return float(value) if math.isfinite(value) else None
+
+
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
             "numpy": np.__version__}
@@ -950,7 +1035,9 @@ class RunLog:
         self.seconds = {"collect": 0.0, "update": 0.0}
         self.episodes: list[dict] = []
         self.metrics: list[dict] = []
-        self.env_steps, self.interrupted = 0, False
+        self.env_steps = 0
+        self.interrupted: str | None = None  # the signal that ended the run early, if one did
+        self.diverged: str | None = None  # what went non-finite, and when, if anything did
         self.solved_at_seconds = self.solved_at_iteration = None
         self.metrics_file = open(self.out_dir / "metrics.csv", "w", newline="")
         self.episodes_file = open(self.out_dir / "episodes.csv", "w", newline="")
@@ -999,7 +1086,12 @@ class RunLog:
         # does, and stop only then.
         awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
                          and best.confirmed < config.target_return)
-        best.consider(net, tracker.ema, always=awaiting_best)
+        if stats["nonfinite"]:  # a NaN policy is never a candidate: best.pt keeps the last finite one
+            self.diverged = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
+            print(f"\ndiverged at {self.diverged}; stopping. Try a lower --lr (now {schedules.get('lr', config.lr):g}) "
+                  f"or gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
+        else:
+            best.consider(net, tracker.ema, always=awaiting_best)
 
         row = dict(iteration=iteration, env_steps=self.env_steps, seconds=round(seconds, 3),
                    steps_per_second=round(self.env_steps / seconds), **schedules,
@@ -1013,8 +1105,8 @@ class RunLog:
         self.episodes_file.flush()
         self.bar.set_postfix(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
                              mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
-        return (config.stop_when_solved and tracker.solved_at_step is not None
-                and (best.confirmed >= config.target_return or not config.confirm_episodes))
+        return self.diverged is not None or (config.stop_when_solved and tracker.solved_at_step is not None
+                                             and (best.confirmed >= config.target_return or not config.confirm_episodes))
 
     def finish(self, net: ActorCritic) -> dict:
         """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation, the plot,
@@ -1024,14 +1116,17 @@ class RunLog:
             self.bar.close()
         self.metrics_file.close()
         self.episodes_file.close()
-        save_checkpoint(out_dir / "final.pt", net, self.config_dict)
-        best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
-        best_net, _ = load_agent(out_dir / "best.pt", config.device)
-        eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+        if self.diverged is None:  # non-finite weights are neither final.pt nor a best.pt candidate
+            save_checkpoint(out_dir / "final.pt", net, self.config_dict)
+            best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
+        eval_returns = np.array([math.nan])
+        if (out_dir / "best.pt").exists():  # none if the run diverged before any policy was saved
+            best_net, _ = load_agent(out_dir / "best.pt", config.device)
+            eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+            if config.gif:
+                render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
         if config.plot:
             plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png")
-        if config.gif:
-            render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
 
         seconds = time.perf_counter() - self.start
         collect_seconds, update_seconds = self.seconds["collect"], self.seconds["update"]
@@ -1040,20 +1135,22 @@ class RunLog:
             "solved_at_iteration": self.solved_at_iteration,
             "best_ema_return": best.best_ema if self.episodes else None,
             "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
-            "eval_return_mean": float(eval_returns.mean()), "eval_return_std": float(eval_returns.std()),
+            "eval_return_mean": finite_or_none(eval_returns.mean()), "eval_return_std": finite_or_none(eval_returns.std()),
             "eval_episodes": config.eval_episodes, "env_steps": self.env_steps, "iterations": len(self.metrics),
             "episodes": len(self.episodes), "seconds": seconds, "steps_per_second": self.env_steps / seconds,
             "collect_seconds": collect_seconds, "update_seconds": update_seconds,
             "collect_steps_per_second": self.env_steps / collect_seconds if collect_seconds else None,
-            "confirm_seconds": best.seconds, "interrupted": self.interrupted, "out_dir": str(out_dir),
+            "confirm_seconds": best.seconds, "interrupted": self.interrupted is not None, "signal": self.interrupted,
+            "diverged": self.diverged is not None, "divergence": self.diverged, "out_dir": str(out_dir),
             "device": config.device, "torch_threads": torch.get_num_threads(), "versions": versions(),
             "config": self.config_dict,
         }
         atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         solved = (f"solved at step {tracker.solved_at_step} ({self.solved_at_seconds:.1f} s)"
-                  if tracker.solved_at_step is not None else "not solved")
-        print(f"{solved}; best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} "
-              f"over {config.eval_episodes} episodes; {self.env_steps} steps in {seconds:.1f} s -> {out_dir}")
+                  if tracker.solved_at_step is not None else "diverged" if self.diverged else "not solved")
+        played = (f"best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over "
+                  f"{config.eval_episodes} episodes" if summary["eval_return_mean"] is not None else "no best.pt")
+        print(f"{solved}; {played}; {self.env_steps} steps in {seconds:.1f} s -> {out_dir}")
         return summary
 
 
@@ -1108,7 +1205,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     ax_diag.legend(loc="best")
     for ax in (ax_ret, ax_loss, ax_diag):
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 # ==================================================================================================
@@ -1207,20 +1304,35 @@ def run_eval(config: Config) -> None:
         print(f"wrote {gif_path}")
 
 
+EXIT_STATUS = {"done": 0, "diverged": 1, "user error": 2, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM (timeout, docker stop, SLURM preemption) ends a run as Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 a user error (bad flag, bad checkpoint), 130 interrupted."""
+    """Exit status: 0 done, 1 diverged, 2 a user error (bad flag, bad checkpoint), 130 Ctrl-C,
+    143 SIGTERM. A second signal during the clean-up stops it; every file is written atomically,
+    so none is left half-written."""
     config = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         if config.eval is not None:
             run_eval(config)
-            return 0
-        return 130 if train(config)["interrupted"] else 0
+            return EXIT_STATUS["done"]
+        summary = train(config)
+        return EXIT_STATUS[summary["signal"] or ("diverged" if summary["diverged"] else "done")]
     except CheckpointError as exc:
         print(f"error: argument --eval: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return EXIT_STATUS["user error"]
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"\n{name} again: clean-up stopped; the files written so far are whole", file=sys.stderr)
+        return EXIT_STATUS[name]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

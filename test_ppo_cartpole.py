@@ -30,11 +30,13 @@ CUDA = torch.cuda.is_available()  # the real answer, before the fixture below hi
 
 
 @pytest.fixture(autouse=True)
-def machine_without_cuda(request, monkeypatch):
+def machine_without_cuda(request, monkeypatch, tmp_path):
     """Every test sees a machine without CUDA, where the defaults are the CPU's, so the suite
-    passes the same on a GPU machine; tests marked `cuda` see the real device."""
+    passes the same on a GPU machine; tests marked `cuda` see the real device. Each runs in a
+    folder of its own: parse_args makes the default runs/... folder there, not in the repo."""
     if "cuda" not in request.keywords:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
 
 
 def small_net(seed=0, obs_dim=4, act_dim=2):
@@ -638,6 +640,7 @@ def test_torch_backend_takes_its_preset_for_flags_not_given():
 
 def test_auto_backend_is_torch_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ppo, "available_memory", lambda device: 80 * 2**30)  # a faked GPU has no memory to ask
     assert ppo.parse_args([]).env_backend == "torch"
     assert ppo.parse_args(["--device", "cpu"]).env_backend == "gymnasium"
     assert ppo.parse_args(["--env-id", "Acrobot-v1"]).env_backend == "gymnasium"
@@ -726,7 +729,7 @@ def test_default_out_dir_is_the_checked_one_and_an_earlier_run_there_is_refused(
     monkeypatch.chdir(tmp_path)
     config = ppo.parse_args(["--seed", "7"])
     assert config.out_dir.startswith("runs/CartPole-v1__seed7__")  # resolved once, used by train
-    Path(config.out_dir).mkdir(parents=True)
+    assert Path(config.out_dir).is_dir()  # made by parse_args: proof that it can be
     (Path(config.out_dir) / "summary.json").write_text("{}")  # a run launched in the same second
     monkeypatch.setattr(ppo, "default_out_dir", lambda env_id, seed: config.out_dir)
     with pytest.raises(SystemExit) as exit_info:
