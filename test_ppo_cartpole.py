@@ -9,8 +9,10 @@ import dataclasses
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -614,6 +616,76 @@ def test_ctrl_c_keeps_metrics_best_and_final_and_exits_130(tmp_path, monkeypatch
         assert (out / name).exists()
 
 
+def test_divergence_stops_the_run_and_keeps_the_last_finite_best_pt(tmp_path, monkeypatch, capsys):
+    real_update, calls = ppo.ppo_update, []
+
+    def poisoned_update(net, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                net.value_head.weight.fill_(float("nan"))  # what a too-large step would leave
+        return real_update(net, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", poisoned_update)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "20", "--no-gif", "--out-dir", str(out)]) == 1
+    assert "diverged at iteration 3: the loss and gradient norm and parameters" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"] and summary["iterations"] == 4 and len(read_csv(out / "metrics.csv")) == 4
+    net, _ = ppo.load_agent(out / "best.pt")
+    assert all(p.isfinite().all() for p in net.parameters())
+    assert not (out / "final.pt").exists() and (out / "training.png").exists()
+
+
+def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, str(Path(ppo.__file__)), *QUICK, "--lr", "1e6", "--episodes", "30",
+                           "--no-gif", "--out-dir", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "diverged at iteration" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["diverged"] is True
+
+
+def start_run(tmp_path, *extra):
+    """A child process training until told to stop, and its stderr lines as they come."""
+    proc = subprocess.Popen([sys.executable, str(Path(ppo.__file__)), *QUICK, "--episodes", "100000",
+                             "--out-dir", str(tmp_path / "run"), *extra],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    while not (tmp_path / "run" / "metrics.csv").exists() or len(read_csv(tmp_path / "run" / "metrics.csv")) < 3:
+        time.sleep(0.05)
+        assert proc.poll() is None
+    return proc
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path):
+    proc = start_run(tmp_path, "--no-gif")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["signal"] == "SIGTERM"
+    for name in ("best.pt", "final.pt", "training.png", "metrics.csv"):
+        assert (tmp_path / "run" / name).exists(), name
+
+
+def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
+    proc = start_run(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:
+        if "writing final.pt" in line:  # the clean-up has begun
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err
+    names = [p.name for p in (tmp_path / "run").iterdir()]
+    assert not [name for name in names if name.endswith(".tmp")]  # no temp file left
+    for name in names:  # and every file that is there is whole
+        if name.endswith(".pt"):
+            ppo.load_agent(tmp_path / "run" / name)
+        elif name == "summary.json":
+            json.loads((tmp_path / "run" / name).read_text())
+        elif name.endswith((".png", ".gif")):
+            Image.open(tmp_path / "run" / name).verify()
+
+
 # ==================================================================================================
 # Settings: backend sizes, resolve, flags, validation
 # ==================================================================================================
@@ -735,6 +807,78 @@ def test_default_out_dir_is_the_checked_one_and_an_earlier_run_there_is_refused(
     with pytest.raises(SystemExit) as exit_info:
         ppo.parse_args(["--seed", "7"])
     assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+
+
+BAD_KINDS = [
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**40)], "--seed"), (["--lr", "1e39"], "--lr"),
+    (["--value-coef", "inf"], "--value-coef"), (["--target-return", "nan"], "--target-return"),
+    (["--entropy-coef", "-inf"], "--entropy-coef"), (["--max-grad-norm", "nan"], "--max-grad-norm"),
+    (["--episodes", str(10**20)], "--episodes"), (["--threads", "100000"], "--threads"),
+    (["--num-envs", str(10**8), "--buffer-size", str(10**8)], "--num-envs"),
+    (["--buffer-size", str(2**40), "--minibatch-size", "64"], "--buffer-size"),
+    (["--eval-episodes", str(10**9)], "--eval-episodes/--confirm-episodes"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_KINDS, ids=[" ".join(a) for a, _ in BAD_KINDS])
+def test_bad_values_of_every_kind_are_one_error_line_and_leave_nothing(argv, flag, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.parse_args(argv + ["--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and flag in error_lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_refusal_states_the_estimate(capsys):
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--num-envs", str(10**8), "--buffer-size", str(10**8)])
+    assert re.search(r"--num-envs 100000000 x --buffer-size 100000000 .* need ~[\d.]+ GiB", capsys.readouterr().err)
+
+
+def test_an_out_dir_that_cannot_be_created_is_refused_and_nothing_is_left(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out_dir in (tmp_path / "file" / "a" / "b", Path("/proc/ppo-cartpole-test/run")):
+        with pytest.raises(SystemExit) as exit_info:
+            ppo.parse_args(["--out-dir", str(out_dir)])
+        assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
+        assert not out_dir.exists()
+
+
+def check_consistent(config):
+    """What every parsed Config must satisfy, whatever the argv: a cheap independent check."""
+    for field in dataclasses.fields(ppo.Config):
+        value = getattr(config, field.name)
+        if isinstance(value, float):
+            assert math.isfinite(value), field.name
+    assert config.num_envs > 0 and config.buffer_size % config.num_envs == 0
+    assert 0 < config.minibatch_size <= config.buffer_size and 0 < config.num_iterations <= 10**9
+    assert 0 < config.lr and 0 <= config.gamma <= 1 and 0 <= config.gae_lambda <= 1 and 0 < config.clip_eps < 1
+    assert 0 <= config.seed < 2**31 and 0 < config.threads and config.env_backend in ("gymnasium", "torch")
+    assert config.eval is not None or (config.target_return is not None and Path(config.out_dir).is_dir())
+
+
+def test_fuzzed_argument_lists_parse_or_exit_2_with_one_error_line(capsys):
+    rng = np.random.default_rng(12345)  # seeded: a failure names its argv and reproduces
+    parser = ppo.build_parser()
+    flags = [option for action in parser._actions for option in action.option_strings if option not in ("-h", "--help")]
+    values = ["0", "1", "-1", "2", "64", "1024", "0.5", "1e-3", "1e30", "1e400", "-1e-9", "nan", "inf", "-inf",
+              "", "text", "3.7", str(2**31), str(2**64), "auto", "cpu", "torch", "sync", "CartPole-v1", "run"]
+    outcomes = {"parsed": 0, "refused": 0}
+    for _ in range(300):
+        argv = []
+        for flag in rng.choice(flags, size=rng.integers(0, 5)):
+            argv += [flag] if flag.startswith("--no-") or flag in ("--plot", "--gif", "--anneal-lr",
+                                                                      "--stop-when-solved") else [flag, rng.choice(values)]
+        try:
+            check_consistent(ppo.parse_args([str(x) for x in argv]))
+            outcomes["parsed"] += 1
+        except SystemExit as exc:
+            assert exc.code == 2, argv
+            err = capsys.readouterr().err
+            assert len([line for line in err.splitlines() if "error:" in line]) == 1, (argv, err)
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 20  # both outcomes exercised
 
 
 def test_bad_input_writes_nothing(tmp_path):
