@@ -654,7 +654,7 @@ def check_numbers(parser: argparse.ArgumentParser, config: Config) -> None:
 
 
 def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
-    """Every value of a resolved Config in its range, and a run folder that can take this run."""
+    """Every value of a resolved Config in its range, and a run folder without an earlier run."""
     def check(ok, flag, allowed):
         require(parser, ok, flag, allowed)
 
@@ -688,13 +688,9 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
     cores = os.cpu_count() or 1
     check(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
     check(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
-    out_dir = Path(c.out_dir or "runs")
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." always exists
-    check(existing.is_dir() and os.access(existing, os.W_OK), "--out-dir",
-          f"a folder that can be created or written to ({existing} is "
-          f"{'not writable' if existing.is_dir() else 'a file'})")
-    if c.eval is None:
+    if c.eval is None:  # (make_run_folder proves the folder can be made and written)
         # Never overwrite a run: its best.pt may be all the user has of it.
+        out_dir = Path(c.out_dir)
         taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
         check(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
 
@@ -1039,6 +1035,7 @@ class RunLog:
         self.interrupted: str | None = None  # the signal that ended the run early, if one did
         self.diverged: str | None = None  # what went non-finite, and when, if anything did
         self.solved_at_seconds = self.solved_at_iteration = None
+        self.bar = None  # the progress bar, made by iterations()
         self.metrics_file = open(self.out_dir / "metrics.csv", "w", newline="")
         self.episodes_file = open(self.out_dir / "episodes.csv", "w", newline="")
         self.metrics_csv = csv.DictWriter(self.metrics_file, METRIC_FIELDS)
@@ -1112,7 +1109,7 @@ class RunLog:
         """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation, the plot,
         the GIF and summary.json. Returns the summary."""
         config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
-        if hasattr(self, "bar"):
+        if self.bar is not None:
             self.bar.close()
         self.metrics_file.close()
         self.episodes_file.close()
