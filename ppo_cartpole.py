@@ -933,7 +933,7 @@ class BestPolicy:
 METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
                  "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
                  "explained_variance", "epochs", "minibatches", "episodes", "last_return",
-                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return"]
+                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return", "best_saved"]
 EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
 
 
@@ -1083,19 +1083,20 @@ class RunLog:
         # does, and stop only then.
         awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
                          and best.confirmed < config.target_return)
+        saved = False
         if stats["nonfinite"]:  # a NaN policy is never a candidate: best.pt keeps the last finite one
             self.diverged = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
             print(f"\ndiverged at {self.diverged}; stopping. Try a lower --lr (now {schedules.get('lr', config.lr):g}) "
                   f"or gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
         else:
-            best.consider(net, tracker.ema, always=awaiting_best)
+            saved = best.consider(net, tracker.ema, always=awaiting_best)
 
         row = dict(iteration=iteration, env_steps=self.env_steps, seconds=round(seconds, 3),
                    steps_per_second=round(self.env_steps / seconds), **schedules,
                    **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(ended_returns),
                    last_return=self.episodes[-1]["return"] if self.episodes else None, ema_return=tracker.ema,
                    mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-                   best_confirmed_return=best.confirmed)
+                   best_confirmed_return=best.confirmed, best_saved=int(saved))
         self.metrics.append(row)
         self.metrics_csv.writerow(row)
         self.metrics_file.flush()
@@ -1123,7 +1124,8 @@ class RunLog:
             if config.gif:
                 render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
         if config.plot:
-            plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png")
+            plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png",
+                          tracker.solved_at_step, config.target_kl)
 
         seconds = time.perf_counter() - self.start
         collect_seconds, update_seconds = self.seconds["collect"], self.seconds["update"]
@@ -1156,53 +1158,90 @@ class RunLog:
 # ==================================================================================================
 
 
-def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path) -> None:
-    """A PNG dashboard: returns (with EMA, last-100 mean, target, success rate), losses, diagnostics.
+PLOT_MAX_POINTS = 20_000  # episodes drawn as dots; beyond this, every k-th (a torch run ends ~10^5)
+EV_FLOOR = -1.0  # explained variance below this is drawn at it: one bad critic update can read -18
 
-    episodes: rows of episodes.csv; metrics: rows of metrics.csv. Uses matplotlib's Figure
-    directly (no pyplot), so it needs no display and leaves no global figure state behind.
+
+def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path,
+                  solved_at_step: int | None = None, kl_target: float | None = None):
+    """The PNG dashboard of a run; returns the matplotlib Figure (no pyplot: no display needed).
+
+    episodes: rows of episodes.csv; metrics: rows of metrics.csv. Panels, all against env steps,
+    the solve marked on each: returns (episodes, EMA, last-100 mean, target, success rate, each
+    best.pt save); policy and value loss; entropy; approx KL (with kl_target, the early stop's, if
+    any); clip fraction; explained variance (clipped at EV_FLOOR, said when
+    it is); the learning rate and the entropy coefficient as they ran.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
-    fig = Figure(figsize=(11, 10), layout="constrained")
-    ax_ret, ax_loss, ax_diag = fig.subplots(3, 1, sharex=True)
-    col = lambda rows, key: np.array([float(row[key]) for row in rows])  # noqa: E731
+    fig = Figure(figsize=(12, 14), layout="constrained")
+    grid = fig.add_gridspec(5, 2, height_ratios=(2.2, 1, 1, 1, 1))
+    ax_ret = fig.add_subplot(grid[0, :])
+    panels = [fig.add_subplot(grid[row, column], sharex=ax_ret) for row in range(1, 5) for column in range(2)]
+    ax_policy, ax_value, ax_entropy, ax_kl, ax_clip, ax_ev, ax_lr, ax_entcoef = panels
+    col = lambda rows, key: np.array([np.nan if row[key] in (None, "") else float(row[key]) for row in rows])  # noqa: E731
 
+    stride = max(1, math.ceil(len(episodes) / PLOT_MAX_POINTS))
+    shown = episodes[::stride]
     if episodes:
-        steps = col(episodes, "env_step")
-        ax_ret.plot(steps, col(episodes, "return"), ".", ms=2, alpha=0.3, color="tab:blue", label="episode return")
-        ax_ret.plot(steps, col(episodes, "ema_return"), color="tab:orange", label="EMA")
-        ax_ret.plot(steps, col(episodes, "mean100_return"), color="tab:red", label="mean of last 100")
+        steps = col(shown, "env_step")
+        ax_ret.plot(steps, col(shown, "return"), ".", ms=2, alpha=0.3, color="tab:blue",
+                    label="episode return" + (f" (every {stride}th)" if stride > 1 else ""))
+        ax_ret.plot(steps, col(shown, "ema_return"), color="tab:orange", label="EMA")
+        ax_ret.plot(steps, col(shown, "mean100_return"), color="tab:red", label="mean of last 100")
         ax_success = ax_ret.twinx()
-        ax_success.plot(steps, col(episodes, "success_rate"), color="tab:green", alpha=0.7,
-                        label="success rate (last 100)")
+        ax_success.plot(steps, col(shown, "success_rate"), color="tab:green", alpha=0.6, lw=1,
+                        label=f"success rate (share of last 100 >= {target_return:g})")
         ax_success.set_ylim(0, 1.05)
         ax_success.set_ylabel("success rate")
         ax_success.legend(loc="lower right")
     ax_ret.axhline(target_return, color="black", ls="--", lw=1, label=f"target {target_return:g}")
+    saves = [float(row["env_steps"]) for row in metrics if float(row.get("best_saved") or 0)]  # rows may be CSV text
+    if saves:
+        ax_ret.plot(saves, np.full(len(saves), 0.985), "v", color="black", ms=6, transform=ax_ret.get_xaxis_transform(),
+                    label=f"best.pt saved ({len(saves)}x)")
+    if solved_at_step is not None:
+        ax_ret.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5, label="solved")
     ax_ret.set_ylabel("return")
-    ax_ret.set_title("PPO training")
+    ax_ret.set_title("PPO training" + (f": solved at {solved_at_step:,} env steps" if solved_at_step else ": not solved"))
     ax_ret.legend(loc="upper left")
 
     if metrics:
         steps = col(metrics, "env_steps")
-        ax_loss.plot(steps, col(metrics, "policy_loss"), color="tab:blue", label="policy loss")
-        ax_value = ax_loss.twinx()
-        ax_value.plot(steps, col(metrics, "value_loss"), color="tab:red", label="value loss")
+        ax_policy.plot(steps, col(metrics, "policy_loss"), color="tab:blue")
+        ax_value.plot(steps, col(metrics, "value_loss"), color="tab:red")
         ax_value.set_yscale("log")
-        ax_value.set_ylabel("value loss")
-        ax_value.legend(loc="upper right")
-        for key, color in (("entropy", "tab:purple"), ("approx_kl", "tab:orange"),
-                           ("clip_fraction", "tab:green"), ("explained_variance", "tab:gray")):
-            ax_diag.plot(steps, col(metrics, key), color=color, label=key.replace("_", " "))
-    ax_loss.set_ylabel("policy loss")
-    ax_loss.legend(loc="upper left")
-    ax_diag.set_ylabel("diagnostics")
-    ax_diag.set_xlabel("env steps")
-    ax_diag.legend(loc="best")
-    for ax in (ax_ret, ax_loss, ax_diag):
+        ax_entropy.plot(steps, col(metrics, "entropy"), color="tab:purple")
+        ax_kl.plot(steps, col(metrics, "approx_kl"), color="tab:orange", lw=1)
+        ax_kl.set_yscale("log")
+        if kl_target is not None:
+            ax_kl.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
+            ax_kl.legend(loc="upper right")
+        ax_clip.plot(steps, col(metrics, "clip_fraction"), color="tab:green", lw=1)
+        explained = col(metrics, "explained_variance")
+        below = int(np.sum(explained < EV_FLOOR))
+        ax_ev.plot(steps, np.maximum(explained, EV_FLOOR), color="tab:gray", lw=1)
+        ax_ev.set_ylim(EV_FLOOR - 0.05, 1.05)
+        if below:
+            ax_ev.text(0.01, 0.04, f"clipped: {below} iteration(s) below {EV_FLOOR:g} (lowest {np.nanmin(explained):.3g})",
+                       transform=ax_ev.transAxes, fontsize=8)
+        ax_lr.plot(steps, col(metrics, "lr"), color="tab:brown")
+        ax_lr.set_yscale("log")
+        ax_entcoef.plot(steps, col(metrics, "entropy_coef"), color="tab:olive")
+    titles = ("policy loss (L^CLIP)", "value loss (log)", "entropy of the policy", "approx KL(pi_old || pi) (log)",
+              "clip fraction", "explained variance of V_old", "learning rate (log)", "entropy coefficient")
+    for ax, title in zip(panels, titles):
+        ax.set_title(title, fontsize=10, loc="left")
+    for ax in (ax_ret, *panels):
         ax.grid(alpha=0.3)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+        ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M, not 1500000
+        if solved_at_step is not None and ax is not ax_ret:
+            ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
+    for ax in (ax_lr, ax_entcoef):
+        ax.set_xlabel("env steps")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    return fig
 
 
 # ==================================================================================================

@@ -1142,14 +1142,57 @@ def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
 # ==================================================================================================
 
 
-def test_plot_writes_a_valid_png(tmp_path):
+def dashboard_rows(num_episodes: int = 49, num_iterations: int = 5):
+    """Rows as RunLog writes them: one per episode and one per iteration."""
     episodes = [dict(env_step=10 * i, **{"return": i}, ema_return=i, mean100_return=i, success_rate=0.0)
-                for i in range(1, 50)]
-    keys = ["env_steps", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance"]
-    metrics = [{k: (i + 1) * 0.1 for k in keys} for i in range(5)]
-    ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+                for i in range(1, num_episodes + 1)]
+    keys = ["policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "lr", "entropy_coef"]
+    metrics = [dict(env_steps=100 * (i + 1), explained_variance=1 - i, best_saved=int(i in (1, 3)),
+                    **{k: (i + 1) * 0.1 for k in keys}) for i in range(num_iterations)]
+    return episodes, metrics
+
+
+def test_dashboard_has_a_panel_for_each_diagnostic_and_schedule(tmp_path):
+    episodes, metrics = dashboard_rows()
+    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=250, kl_target=0.01)
     with Image.open(tmp_path / "training.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    for wanted in ("policy loss", "value loss", "entropy of the policy", "approx KL", "clip fraction",
+                   "explained variance", "learning rate", "entropy coefficient"):
+        assert sum(wanted in title for title in titles) == 1, wanted  # each on an axis of its own
+    returns = fig.axes[0]
+    labels = [line.get_label() for line in returns.get_lines()]
+    assert {"EMA", "mean of last 100", "target 475", "solved", "best.pt saved (2x)"} <= set(labels)
+    saves = next(line for line in returns.get_lines() if line.get_label().startswith("best.pt"))
+    assert list(saves.get_xdata()) == [200, 400]  # the iterations whose best_saved is 1
+    assert any("success rate" in ax.get_ylabel() for ax in fig.axes)  # the twin axis of the returns
+    kl_axis = next(ax for ax in fig.axes if "approx KL" in ax.get_title(loc="left"))
+    assert any(line.get_label() == "target 0.01" for line in kl_axis.get_lines())
+
+
+def test_dashboard_clips_explained_variance_and_says_so(tmp_path):
+    episodes, metrics = dashboard_rows()  # explained variance 1, 0, -1, -2, -3
+    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    ev_axis = next(ax for ax in fig.axes if "explained variance" in ax.get_title(loc="left"))
+    assert min(ev_axis.get_lines()[0].get_ydata()) == ppo.EV_FLOOR
+    assert ev_axis.get_ylim()[0] > -1.5
+    assert any("2 iteration(s) below -1 (lowest -3)" in text.get_text() for text in ev_axis.texts)
+
+
+def test_dashboard_thins_the_episode_dots_of_a_long_run(tmp_path):
+    episodes, metrics = dashboard_rows(num_episodes=3 * ppo.PLOT_MAX_POINTS + 5)
+    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    dots = fig.axes[0].get_lines()[0]
+    assert len(dots.get_xdata()) <= ppo.PLOT_MAX_POINTS and "every 4th" in dots.get_label()
+
+
+def test_dashboard_reads_csv_rows_as_written(tmp_path):
+    """metrics.csv gives back text, "0" included: it must not count as a best.pt save."""
+    episodes, metrics = dashboard_rows()
+    as_text = [{k: str(v) for k, v in row.items()} for row in metrics]
+    fig = ppo.plot_training(episodes, as_text, 475, tmp_path / "training.png")
+    assert "best.pt saved (2x)" in [line.get_label() for line in fig.axes[0].get_lines()]
 
 
 # ==================================================================================================
