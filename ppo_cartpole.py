@@ -83,6 +83,7 @@ class Config:
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
     gamma: float = option(0.98, "discount")
     gae_lambda: float = option(0.8, "GAE lambda")
+    normalize_advantages: bool = option(True, "scale each rollout's advantages to mean 0, std 1")
     # Losses
     clip_eps: float = option(0.2, "epsilon of the clipped surrogate L^CLIP")
     value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old "
@@ -387,7 +388,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
                advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
                minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
                entropy_coef: float, value_coef: float, max_grad_norm: float | None = None,
-               target_kl: float | None = None, generator: torch.Generator | None = None) -> dict:
+               target_kl: float | None = None, normalize_advantages: bool = True,
+               generator: torch.Generator | None = None) -> dict:
     """K epochs of shuffled minibatch SGD on the valid steps of one rollout, actor and critic
     together through the shared trunk (paper, section 5, Algorithm 1).
 
@@ -405,7 +407,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
         (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
     # Normalised once over the whole batch, not per minibatch (CleanRL, SB3): every minibatch then
     # weighs its samples on one scale, and no small minibatch's own noisy mean and std rescale it.
-    b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+    if normalize_advantages:
+        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
     batch_size = len(valid_idx)
     num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
@@ -498,7 +501,8 @@ def train(config: Config) -> dict:
                                    minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
                                    value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef,
                                    value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
-                                   target_kl=config.target_kl, generator=generator)
+                                   target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
+                                   generator=generator)
             # 4. Log: episodes, metrics, best.pt; the run log says when a --stop-when-solved run is done.
             if log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=entropy_coef):
                 break
