@@ -79,9 +79,10 @@ class Config:
                                      "num-envs (default: 1024; torch backend: 32768)")
     minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 4096)")
     update_epochs: int = option(4, "K passes over each rollout")
-    lr: float = option(3e-3, "Adam learning rate")
+    lr: float = option(2e-3, "Adam learning rate")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
-    gamma: float = option(0.98, "discount")
+    gamma: float = option(0.995, "discount: its horizon, 1 / (1 - gamma) = 200 steps, sees the cart "
+                          "drifting off the track long before it does")
     gae_lambda: float = option(0.8, "GAE lambda")
     normalize_advantages: bool = option(True, "scale each rollout's advantages to mean 0, std 1")
     # Losses
