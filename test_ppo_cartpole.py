@@ -380,6 +380,29 @@ def test_gae_lambda_extremes_are_td_error_and_monte_carlo():
     assert torch.allclose(mc, torch.stack(discounted) - values, atol=1e-6)
 
 
+def test_the_default_discount_sees_a_failure_100_steps_ahead():
+    """Why gamma is 0.995: after the solve, episodes fail by the cart drifting off the track ~100
+    steps after the drift starts. A Monte Carlo return (values 0, lambda 1) 100 steps before a
+    failure, against the same state in an episode that survives, loses gamma^100 of its value:
+    closed form sum_k gamma^k = (1 - gamma^n) / (1 - gamma)."""
+    T = 400
+
+    def return_at_0(gamma, fails_at):
+        rewards, dones = torch.ones(T, 1, dtype=torch.float64), torch.zeros(T, 1, dtype=torch.float64)
+        bootstrap = torch.full((1,), 1 / (1 - gamma), dtype=torch.float64)  # the episode goes on after T
+        if fails_at is not None:
+            dones[fails_at] = 1.0
+        return ppo.compute_gae(rewards, torch.zeros_like(rewards), dones, bootstrap, gamma, 1.0)[1][0].item()
+
+    for gamma in (0.98, ppo.Config.gamma):
+        survives, fails = return_at_0(gamma, None), return_at_0(gamma, 99)
+        assert survives == pytest.approx(1 / (1 - gamma))
+        assert fails == pytest.approx((1 - gamma ** 100) / (1 - gamma))
+    seen = lambda gamma: 1 - return_at_0(gamma, 99) * (1 - gamma)  # share of the value the failure takes  # noqa: E731
+    assert seen(0.98) == pytest.approx(0.98 ** 100) and seen(0.98) < 0.14  # gamma 0.98: 13%, lost in the noise
+    assert seen(ppo.Config.gamma) > 0.6  # 0.995: 61% of V, a signal the critic learns
+
+
 # ==================================================================================================
 # Losses
 # ==================================================================================================
@@ -455,6 +478,24 @@ def update(rollout, net=None, seed=0, optimizer=None, **kwargs):
     stats = ppo.ppo_update(net, optimizer, rollout, advantages, returns,
                               generator=torch.Generator().manual_seed(seed), **settings)
     return net, stats
+
+
+def test_advantage_normalisation_makes_the_update_blind_to_the_advantages_scale():
+    _, _, [rollout] = collect(num_envs=4, num_steps=16)
+    advantages, returns = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95)
+
+    def policy_after(scale, normalize):
+        net = small_net(0)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # SGD: a step proportional to the gradient
+        ppo.ppo_update(net, optimizer, rollout, advantages * scale, returns, update_epochs=1, minibatch_size=1024,
+                       clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.0,
+                       normalize_advantages=normalize, generator=torch.Generator().manual_seed(0))
+        return net.policy_head.weight.detach().clone()
+
+    assert torch.allclose(policy_after(1.0, True), policy_after(10.0, True), atol=1e-6)
+    start = small_net(0).policy_head.weight.detach()
+    step1, step10 = policy_after(1.0, False) - start, policy_after(10.0, False) - start
+    assert torch.allclose(step10, 10 * step1, rtol=1e-4, atol=1e-7)  # one SGD step on the raw advantages: 10x
 
 
 def test_update_runs_k_epochs_of_minibatches_that_cover_every_valid_step():
