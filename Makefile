@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train train-post test test-slow bench clean
+.PHONY: install train train-post test test-slow bench long-run ablations clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds ea
 	$(PYTHON) -m pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/solve_bench.py --seeds 5 --out bench/results
 	$(PYTHON) bench/env_bench.py --out bench/results
+
+long-run: $(STAMP)  ## the user's --episodes 2000 on seeds 1-10 (gymnasium) and 1-3 (torch, ~7 min a seed), then the figure
+	$(PYTHON) bench/long_run.py --backend gymnasium --seeds 10 --label after
+	$(PYTHON) bench/long_run.py --backend torch --seeds 3 --label after
+	$(PYTHON) bench/long_run.py --figure assets/long_run.png
+
+ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 20 variants x 5 seeds (~15 min)
+	$(PYTHON) bench/ablations.py
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

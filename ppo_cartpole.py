@@ -1167,6 +1167,17 @@ PLOT_MAX_POINTS = 20_000  # episodes drawn as dots; beyond this, every k-th (a t
 EV_FLOOR = -1.0  # explained variance below this is drawn at it: one bad critic update can read -18
 
 
+def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean of the last `window` values at each index (fewer at the start), NaNs skipped."""
+    finite = np.isfinite(x)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, x, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    end = np.arange(1, len(x) + 1)
+    start = np.maximum(end - window, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums[end] - sums[start]) / (counts[end] - counts[start])
+
+
 def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path,
                   solved_at_step: int | None = None, kl_target: float | None = None):
     """The PNG dashboard of a run; returns the matplotlib Figure (no pyplot: no display needed).
@@ -1210,27 +1221,35 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
         ax_ret.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5, label="solved")
     ax_ret.set_ylabel("return")
     ax_ret.set_title("PPO training" + (f": solved at {solved_at_step:,} env steps" if solved_at_step else ": not solved"))
-    ax_ret.legend(loc="upper left")
+    ax_ret.legend(loc="center right")
 
     if metrics:
         steps = col(metrics, "env_steps")
-        ax_policy.plot(steps, col(metrics, "policy_loss"), color="tab:blue")
-        ax_value.plot(steps, col(metrics, "value_loss"), color="tab:red")
+        window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
+
+        def draw(ax, values, color):
+            ax.plot(steps, values, color=color, lw=0.8, alpha=0.35 if window > 1 else 1.0)
+            if window > 1:
+                ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
+                ax.legend(loc="upper right", fontsize=8)
+
+        draw(ax_policy, col(metrics, "policy_loss"), "tab:blue")
+        draw(ax_value, col(metrics, "value_loss"), "tab:red")
         ax_value.set_yscale("log")
-        ax_entropy.plot(steps, col(metrics, "entropy"), color="tab:purple")
-        ax_kl.plot(steps, col(metrics, "approx_kl"), color="tab:orange", lw=1)
+        draw(ax_entropy, col(metrics, "entropy"), "tab:purple")
+        draw(ax_kl, col(metrics, "approx_kl"), "tab:orange")
         ax_kl.set_yscale("log")
         if kl_target is not None:
             ax_kl.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
-            ax_kl.legend(loc="upper right")
-        ax_clip.plot(steps, col(metrics, "clip_fraction"), color="tab:green", lw=1)
+            ax_kl.legend(loc="upper right", fontsize=8)
+        draw(ax_clip, col(metrics, "clip_fraction"), "tab:green")
         explained = col(metrics, "explained_variance")
         below = int(np.sum(explained < EV_FLOOR))
-        ax_ev.plot(steps, np.maximum(explained, EV_FLOOR), color="tab:gray", lw=1)
+        draw(ax_ev, np.maximum(explained, EV_FLOOR), "tab:gray")
         ax_ev.set_ylim(EV_FLOOR - 0.05, 1.05)
         if below:
             ax_ev.text(0.01, 0.04, f"clipped: {below} iteration(s) below {EV_FLOOR:g} (lowest {np.nanmin(explained):.3g})",
-                       transform=ax_ev.transAxes, fontsize=8)
+                       transform=ax_ev.transAxes, fontsize=8, bbox=dict(facecolor="white", alpha=0.8, lw=0))
         ax_lr.plot(steps, col(metrics, "lr"), color="tab:brown")
         ax_lr.set_yscale("log")
         ax_entcoef.plot(steps, col(metrics, "entropy_coef"), color="tab:olive")

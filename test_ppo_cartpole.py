@@ -1221,6 +1221,24 @@ def test_dashboard_clips_explained_variance_and_says_so(tmp_path):
     assert any("2 iteration(s) below -1 (lowest -3)" in text.get_text() for text in ev_axis.texts)
 
 
+def test_rolling_mean_matches_a_plain_loop_and_skips_nans():
+    x = np.array([1.0, 2.0, np.nan, 4.0, 8.0, 16.0])
+    window = 3
+    expected = []
+    for i in range(len(x)):
+        recent = [v for v in x[max(0, i + 1 - window):i + 1] if not np.isnan(v)]
+        expected.append(sum(recent) / len(recent))
+    assert ppo.rolling_mean(x, window).tolist() == pytest.approx(expected)
+    assert np.isnan(ppo.rolling_mean(np.array([np.nan, 1.0]), 1)[0])
+
+
+def test_a_long_runs_diagnostics_get_a_trend_line(tmp_path):
+    episodes, metrics = dashboard_rows(num_iterations=400)
+    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    clip_axis = next(ax for ax in fig.axes if ax.get_title(loc="left") == "clip fraction")
+    assert [line.get_label() for line in clip_axis.get_lines()][-1] == "mean of 4 iterations"
+
+
 def test_dashboard_thins_the_episode_dots_of_a_long_run(tmp_path):
     episodes, metrics = dashboard_rows(num_episodes=3 * ppo.PLOT_MAX_POINTS + 5)
     fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
