@@ -12,6 +12,8 @@ import torch
 
 import ppo_cartpole as ppo
 
+compute_gae = ppo.compute_gae  # the correct one, kept: install() replaces ppo.compute_gae itself
+
 
 class ResetEveryRollout(ppo.Collector):
     """The post's `collect_trajectory`: env.reset() at the start of every rollout, so no episode
@@ -31,14 +33,14 @@ def flat_buffer_gae(rewards, values, dones, last_value, gamma, lam):
     over that as one time series, so env n's step t bootstraps from env n+1's value.
     Inputs and outputs as ppo.compute_gae; the one bootstrap is the last entry's env's."""
     T, N = rewards.shape
-    advantages = ppo.compute_gae(rewards.reshape(T * N, 1), values.reshape(T * N, 1), dones.reshape(T * N, 1),
+    advantages = compute_gae(rewards.reshape(T * N, 1), values.reshape(T * N, 1), dones.reshape(T * N, 1),
                                  last_value[-1:], gamma, lam)[0].reshape(T, N)  # [T*N, 1] -> [T, N]
     return advantages, advantages + values
 
 
 def averaged_bootstrap_gae(rewards, values, dones, last_value, gamma, lam):
     """The post's `next_value.mean(dim=0)`: one bootstrap value, averaged over the envs."""
-    return ppo.compute_gae(rewards, values, dones, last_value.mean().expand_as(last_value), gamma, lam)
+    return compute_gae(rewards, values, dones, last_value.mean().expand_as(last_value), gamma, lam)
 
 
 class TruncationAsTermination(ppo.Collector):

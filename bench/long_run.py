@@ -115,6 +115,7 @@ def table(stats: list[dict], label: str, backend: str) -> str:
 def plot(out: Path, path: Path) -> None:
     """One panel per (backend, label) found under out: every seed's last-100 mean, solve marked."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
     found = sorted(out.glob("*/*/stats.json"), key=lambda p: (p.parent.name != "gymnasium", p.parent.name,
                                                                p.parent.parent.name != "before", p.parent.parent.name))
@@ -137,6 +138,7 @@ def plot(out: Path, path: Path) -> None:
         ax.set_xlabel("env steps")
         ax.set_ylabel("mean of last 100 returns")
         ax.set_ylim(0, 520)
+        ax.xaxis.set_major_formatter(EngFormatter())
         ax.grid(alpha=0.3)
     axes[0, 0].legend(loc="lower right", fontsize=7, ncol=2)
     fig.suptitle("--episodes 2000: after the solve (dots; dashed = target 475, dotted = 400)")

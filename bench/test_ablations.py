@@ -109,6 +109,9 @@ def test_install_patches_the_module_that_trains(monkeypatch):
         monkeypatch.setattr(ppo, attribute, getattr(ppo, attribute))  # undone after the test
     defects.install("all defects")
     assert ppo.Collector is defects.PostCollector and ppo.compute_gae is defects.post_gae
+    zeros = torch.zeros(2, 2)
+    advantages, _ = ppo.compute_gae(zeros, zeros, zeros, torch.tensor([2.0, 4.0]), 0.5, 1.0)  # runs once patched
+    assert advantages.flatten().tolist() == [0.1875, 0.375, 0.75, 1.5]
 
 
 def test_quick_study_writes_its_table_and_figure(tmp_path):
