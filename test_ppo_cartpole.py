@@ -106,6 +106,24 @@ def test_readme_flag_table_and_help_name_the_same_flags(capsys):
     assert table_flags == help_flags
 
 
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_every_command_flag_and_file_a_readme_names_exists(readme):
+    """Both READMEs, the Chinese one included: each `make` target, each flag given to
+    ppo_cartpole.py, each bench script and picture they name is really there."""
+    root = Path(__file__).parent
+    text = (root / readme).read_text()
+    targets = set(re.findall(r"^([a-z-]+):", (root / "Makefile").read_text(), re.MULTILINE))
+    assert set(re.findall(r"make ([a-z][a-z-]*)", text)) <= targets
+    flags = {option for action in ppo.build_parser()._actions for option in action.option_strings}
+    for line in re.findall(r"ppo_cartpole\.py[^\n`|]*", text):
+        named = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line))
+        assert named <= flags, (line, named - flags)
+    for path in set(re.findall(r"((?:bench|assets)/[\w./-]+\.(?:py|png|gif))", text)):
+        assert (root / path).exists(), path
+    if readme != "README.md":
+        assert "README.zh-CN.md" in (root / "README.md").read_text().split("\n## ")[0]  # linked from the top
+
+
 # ==================================================================================================
 # Environments
 # ==================================================================================================

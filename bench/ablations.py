@@ -14,6 +14,7 @@ one panel and the details on the other.
 
 import argparse
 import csv
+import itertools
 import json
 import shlex
 import statistics
@@ -70,7 +71,7 @@ def child(name: str, seed: int, budget: int, out_dir: str) -> None:
 
     class BudgetLog(ppo.RunLog):  # the lr schedule still runs over --episodes: only the run is cut short
         def iterations(self):
-            return iter(list(super().iterations())[:budget_iterations])
+            return itertools.islice(super().iterations(), budget_iterations)
 
     ppo.RunLog = BudgetLog
     ppo.train(config)
@@ -135,9 +136,13 @@ def plot(results: dict[str, list[dict]], budget: int, path: Path) -> None:
     from matplotlib.figure import Figure
 
     grid = np.linspace(0, budget, GRID)
-    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    from matplotlib.ticker import EngFormatter
+
+    fig = Figure(figsize=(16, 6), layout="constrained")
     axes = dict(zip(("defects", "details"), fig.subplots(1, 2, sharey=True)))
-    colors = iter([f"C{i}" for i in range(10)] * 3)
+    palette = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive",
+                                     "cyan")] + ["gold", "navy", "lime", "magenta"]
+    colors = {panel: iter(palette) for panel in axes}
     for name, panel, _, _ in VARIANTS:
         if name not in results:
             continue
@@ -145,7 +150,7 @@ def plot(results: dict[str, list[dict]], budget: int, path: Path) -> None:
         with np.errstate(all="ignore"):
             low, median, high = np.nanpercentile(curves, [25, 50, 75], axis=0) if len(curves) > 1 else (curves[0],) * 3
         for ax in (axes.values() if panel == "both" else [axes[panel]]):
-            color = "black" if name == OURS else next(colors)
+            color = "black" if name == OURS else next(colors[panel])
             ax.plot(grid, median, color=color, lw=2.2 if name == OURS else 1.3, label=name)
             ax.fill_between(grid, low, high, color=color, alpha=0.12)
     for panel, ax in axes.items():
@@ -153,7 +158,8 @@ def plot(results: dict[str, list[dict]], budget: int, path: Path) -> None:
         ax.set_title("the post's defects, each alone" if panel == "defects" else "PPO's details, each toggled")
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="upper left")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes["defects"].set_ylabel("mean of the last 100 returns (median over seeds, IQR band)")
     fig.savefig(path, dpi=80)
 
