@@ -1185,8 +1185,8 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     episodes: rows of episodes.csv; metrics: rows of metrics.csv. Panels, all against env steps,
     the solve marked on each: returns (episodes, EMA, last-100 mean, target, success rate, each
     best.pt save); policy and value loss; entropy; approx KL (with kl_target, the early stop's, if
-    any); clip fraction; explained variance (clipped at EV_FLOOR, said when
-    it is); the learning rate and the entropy coefficient as they ran.
+    any); clip fraction; explained variance (clipped at EV_FLOOR, said when it is); the learning
+    rate and the entropy coefficient as they ran. Each noisy diagnostic gets a trend line.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
