@@ -17,6 +17,7 @@ import csv
 import itertools
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,13 +81,13 @@ def child(name: str, seed: int, budget: int, out_dir: str) -> None:
 def run(name: str, seed: int, budget: int, folder: Path) -> dict:
     run_dir = folder / f"{slug(name)}__seed{seed}"
     if not (run_dir / "summary.json").exists():
-        if run_dir.exists():
-            import shutil
-
+        if run_dir.exists():  # a run that did not finish: start it again
             shutil.rmtree(run_dir)
         command = [sys.executable, __file__, "--child", name, "--seed", str(seed), "--budget", str(budget),
                    "--out", str(run_dir)]
-        subprocess.run(command, check=True, capture_output=True)
+        child_run = subprocess.run(command, capture_output=True, text=True)
+        if child_run.returncode:
+            raise SystemExit(f"error: variant {name!r}, seed {seed} failed:\n{child_run.stderr[-3000:]}")
     with open(run_dir / "episodes.csv") as f:
         rows = [(int(r["env_step"]), float(r["mean100_return"])) for r in csv.DictReader(f)]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -148,7 +149,7 @@ def plot(results: dict[str, list[dict]], budget: int, path: Path) -> None:
             continue
         curves = np.array([curve_on_grid(r, grid) for r in results[name]])
         with np.errstate(all="ignore"):
-            low, median, high = np.nanpercentile(curves, [25, 50, 75], axis=0) if len(curves) > 1 else (curves[0],) * 3
+            low, median, high = np.nanpercentile(curves, [25, 50, 75], axis=0)
         for ax in (axes.values() if panel == "both" else [axes[panel]]):
             color = "black" if name == OURS else next(colors[panel])
             ax.plot(grid, median, color=color, lw=2.2 if name == OURS else 1.3, label=name)
