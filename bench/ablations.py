@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def plot(results: dict[str, list[dict]], budget: int, path: Path) -> None:
         if name not in results:
             continue
         curves = np.array([curve_on_grid(r, grid) for r in results[name]])
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # before a run's first episode ends, a grid step has no value yet
+            warnings.simplefilter("ignore", RuntimeWarning)
             low, median, high = np.nanpercentile(curves, [25, 50, 75], axis=0)
         for ax in (axes.values() if panel == "both" else [axes[panel]]):
             color = "black" if name == OURS else next(colors[panel])
