@@ -73,7 +73,8 @@ def seed_stats(run_dir: Path, seed: int) -> dict:
                                          seed + ppo_cartpole.EVAL_SEED_OFFSET).mean()
     keep = np.unique(np.linspace(0, len(rows) - 1, CURVE_POINTS).astype(int))
     # the lowest point of the curve must survive the thinning: it is what a collapse looks like
-    keep = np.union1d(keep, [int(np.argmin(np.where(after, mean100, np.inf)))] if after.any() else [])
+    if after.any():
+        keep = np.union1d(keep, [int(np.argmin(np.where(after, mean100, np.inf)))])
     return dict(
         seed=seed, solved_at_step=solved, episodes=len(rows), env_steps=summary["env_steps"],
         seconds=summary["seconds"],
@@ -112,13 +113,15 @@ def table(stats: list[dict], label: str, backend: str) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, path: Path) -> None:
-    """One panel per (backend, label) found under out: every seed's last-100 mean, solve marked."""
+def plot(out: Path, path: Path):
+    """One panel per (backend, label) found under out: every seed's last-100 mean, solve marked.
+    Columns: "before", then other labels by name, then "after"; rows: gymnasium, then torch."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
+    stage = {"before": 0, "after": 2}  # columns: before, any steps between (by name), after
     found = sorted(out.glob("*/*/stats.json"), key=lambda p: (p.parent.name != "gymnasium", p.parent.name,
-                                                               p.parent.parent.name != "before", p.parent.parent.name))
+                                                               stage.get(p.parent.parent.name, 1), p.parent.parent.name))
     backends = list(dict.fromkeys(p.parent.name for p in found))
     labels = list(dict.fromkeys(p.parent.parent.name for p in found))
     fig = Figure(figsize=(6 * len(labels), 3.6 * len(backends)), layout="constrained")
@@ -134,7 +137,10 @@ def plot(out: Path, path: Path) -> None:
         ax.axhline(GOAL_MEAN, color="black", ls="--", lw=1)
         ax.axhline(GOAL_FLOOR, color="gray", ls=":", lw=1)
         ok = sum(map(meets_goal, stats))
-        ax.set_title(f"{p.parent.parent.name}: {p.parent.name} backend ({ok}/{len(stats)} seeds meet the goal)")
+        c = json.loads((p.parent / f"seed{stats[0]['seed']}" / "summary.json").read_text())["config"]
+        norm = "on" if c.get("normalize_advantages", True) else "off"  # a version without the flag normalised
+        ax.set_title(f"{p.parent.parent.name}, {p.parent.name} backend: {ok}/{len(stats)} seeds meet the goal\n"
+                     f"gamma {c['gamma']}, lr {c['lr']:g}, advantage normalisation {norm}", fontsize=10)
         ax.set_xlabel("env steps")
         ax.set_ylabel("mean of last 100 returns")
         ax.set_ylim(0, 520)
@@ -143,6 +149,7 @@ def plot(out: Path, path: Path) -> None:
     axes[0, 0].legend(loc="lower right", fontsize=7, ncol=2)
     fig.suptitle("--episodes 2000: after the solve (dots; dashed = target 475, dotted = 400)")
     fig.savefig(path, dpi=80)
+    return fig
 
 
 def main(argv=None) -> int:
