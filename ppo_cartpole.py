@@ -79,12 +79,13 @@ class Config:
                                      "num-envs (default: 1024; torch backend: 32768)")
     minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 4096)")
     update_epochs: int = option(4, "K passes over each rollout")
-    lr: float = option(2e-3, "Adam learning rate")
+    lr: float = option(3e-3, "Adam learning rate")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
     gamma: float = option(0.995, "discount: its horizon, 1 / (1 - gamma) = 200 steps, sees the cart "
                           "drifting off the track long before it does")
     gae_lambda: float = option(0.8, "GAE lambda")
-    normalize_advantages: bool = option(True, "scale each rollout's advantages to mean 0, std 1")
+    normalize_advantages: bool = option(False, "scale each rollout's advantages to mean 0, std 1: off, a "
+                                        "solved policy's small advantages would be blown up to full-size updates")
     # Losses
     clip_eps: float = option(0.2, "epsilon of the clipped surrogate L^CLIP")
     value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old "
@@ -389,7 +390,7 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
                advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
                minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
                entropy_coef: float, value_coef: float, max_grad_norm: float | None = None,
-               target_kl: float | None = None, normalize_advantages: bool = True,
+               target_kl: float | None = None, normalize_advantages: bool = False,
                generator: torch.Generator | None = None) -> dict:
     """K epochs of shuffled minibatch SGD on the valid steps of one rollout, actor and critic
     together through the shared trunk (paper, section 5, Algorithm 1).

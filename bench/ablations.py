@@ -43,7 +43,7 @@ VARIANTS = [
     ("autoreset steps stored", "defects", "", "autoreset steps stored"),
     ("post's settings, defects fixed", "defects", ppo.POST_SETTINGS, None),
     ("the post as published", "defects", ppo.POST_SETTINGS, "all defects"),
-    ("no advantage normalisation", "details", "--no-normalize-advantages", None),
+    ("advantage normalisation (the post's)", "details", "--normalize-advantages", None),
     ("PyTorch's default init", "details", "", "default init"),
     ("value clip 0.2 (the post's)", "details", "--value-clip-eps 0.2", None),
     ("no gradient clipping", "details", "--max-grad-norm 0", None),
