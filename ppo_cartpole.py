@@ -540,7 +540,7 @@ BACKEND_SIZES = {
 # The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
 # (with its defects fixed). README, "Flags", says what each of our defaults gained.
 POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
-                 "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --entropy-coef 0.02 "
+                 "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --normalize-advantages --entropy-coef 0.02 "
                  "--entropy-floor 0.001 --value-clip-eps 0.2 --max-grad-norm 0")
 
 

@@ -757,6 +757,7 @@ def test_posts_settings_are_the_posts_hyper_parameters():
     assert (c.gamma, c.gae_lambda, c.entropy_coef, c.entropy_floor, c.value_coef, c.clip_eps) == \
         (0.99, 0.95, 0.02, 0.001, 0.5, 0.2)
     assert c.value_clip_eps == 0.2 and not c.anneal_lr and c.max_grad_norm is None
+    assert c.normalize_advantages  # the post normalises; our default does not
 
 
 def test_torch_backend_takes_its_preset_for_flags_not_given():
