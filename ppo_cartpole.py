@@ -407,8 +407,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     b_actions, b_logprobs, b_values, b_returns, b_advantages = (
         x.flatten()[valid_idx] for x in
         (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
-    # Normalised once over the whole batch, not per minibatch (CleanRL, SB3): every minibatch then
-    # weighs its samples on one scale, and no small minibatch's own noisy mean and std rescale it.
+    # Off by default: once solved, the advantages are ~30x smaller and mostly noise, and scaling them
+    # back to std 1 makes every later update full-size (README, "The long run"). When on (the post,
+    # CleanRL, SB3), normalised once over the whole batch, not per minibatch: one scale for all.
     if normalize_advantages:
         b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 

@@ -498,22 +498,27 @@ def update(rollout, net=None, seed=0, optimizer=None, **kwargs):
     return net, stats
 
 
-def test_advantage_normalisation_makes_the_update_blind_to_the_advantages_scale():
+def test_normalised_advantages_make_a_solved_policys_small_advantages_as_big_a_step_as_learning():
+    """The long-run mechanism: once solved, the advantages shrink ~30x (README, "The long run").
+    Normalised, the update cannot tell: its step is as large as while learning. Raw (the
+    default), one SGD step shrinks with them, exactly 30x."""
     _, _, [rollout] = collect(num_envs=4, num_steps=16)
     advantages, returns = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95)
 
-    def policy_after(scale, normalize):
+    def policy_step(scale, normalize):
         net = small_net(0)
+        start = net.policy_head.weight.detach().clone()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # SGD: a step proportional to the gradient
         ppo.ppo_update(net, optimizer, rollout, advantages * scale, returns, update_epochs=1, minibatch_size=1024,
                        clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.0,
                        normalize_advantages=normalize, generator=torch.Generator().manual_seed(0))
-        return net.policy_head.weight.detach().clone()
+        return net.policy_head.weight.detach() - start
 
-    assert torch.allclose(policy_after(1.0, True), policy_after(10.0, True), atol=1e-6)
-    start = small_net(0).policy_head.weight.detach()
-    step1, step10 = policy_after(1.0, False) - start, policy_after(10.0, False) - start
-    assert torch.allclose(step10, 10 * step1, rtol=1e-4, atol=1e-7)  # one SGD step on the raw advantages: 10x
+    learning, solved = policy_step(1.0, True), policy_step(1 / 30, True)
+    assert learning.abs().max() > 1e-4 and torch.allclose(solved, learning, atol=1e-6)
+    learning, solved = policy_step(1.0, False), policy_step(1 / 30, False)
+    assert learning.abs().max() > 1e-4 and torch.allclose(solved, learning / 30, rtol=1e-4, atol=1e-8)
+    assert not ppo.Config().normalize_advantages  # the default is the raw advantages
 
 
 def test_update_runs_k_epochs_of_minibatches_that_cover_every_valid_step():
