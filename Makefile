@@ -33,7 +33,7 @@ bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds ea
 	$(PYTHON) bench/solve_bench.py --seeds 5 --out bench/results
 	$(PYTHON) bench/env_bench.py --out bench/results
 
-long-run: $(STAMP)  ## the user's --episodes 2000 on seeds 1-10 (gymnasium) and 1-3 (torch, ~7 min a seed), then the figure
+long-run: $(STAMP)  ## the user's --episodes 2000 on seeds 1-10 (gymnasium) and 1-3 (torch, ~3 min a seed), then the figure
 	$(PYTHON) bench/long_run.py --backend gymnasium --seeds 10 --label after
 	$(PYTHON) bench/long_run.py --backend torch --seeds 3 --label after
 	$(PYTHON) bench/long_run.py --figure assets/long_run.png

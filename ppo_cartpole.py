@@ -76,8 +76,8 @@ class Config:
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N")
     buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / "
-                                     "num-envs (default: 1024; torch backend: 32768)")
-    minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 4096)")
+                                     "num-envs (default: 1024; torch backend: 16384)")
+    minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 2048)")
     update_epochs: int = option(4, "K passes over each rollout")
     lr: float = option(3e-3, "Adam learning rate")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
@@ -535,7 +535,7 @@ def train(config: Config) -> dict:
 # rollout (README, "The torch backend").
 BACKEND_SIZES = {
     "gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
-    "torch": {"num_envs": 1024, "buffer_size": 32768, "minibatch_size": 4096},
+    "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048},
 }
 
 # The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did

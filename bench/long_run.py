@@ -16,7 +16,7 @@ reused if it is complete, so a table can be redrawn without rerunning. --figure 
 label and backend found under --out side by side: last-100 mean against env steps, solve marked.
 
     python bench/long_run.py --backend gymnasium --seeds 10 --label after
-    python bench/long_run.py --backend torch --seeds 3 --label after      # ~7 min a seed on 2 cores
+    python bench/long_run.py --backend torch --seeds 3 --label after      # ~3 min a seed on 2 cores
     python bench/long_run.py --figure assets/long_run.png
     python bench/long_run.py --label before --script /tmp/before/ppo_cartpole.py ...   # another version
 """
@@ -140,7 +140,8 @@ def plot(out: Path, path: Path):
         c = json.loads((p.parent / f"seed{stats[0]['seed']}" / "summary.json").read_text())["config"]
         norm = "on" if c.get("normalize_advantages", True) else "off"  # a version without the flag normalised
         ax.set_title(f"{p.parent.parent.name}, {p.parent.name} backend: {ok}/{len(stats)} seeds meet the goal\n"
-                     f"gamma {c['gamma']}, lr {c['lr']:g}, advantage normalisation {norm}", fontsize=10)
+                     f"{c['num_envs']} envs x {c['buffer_size'] // c['num_envs']} steps, minibatch {c['minibatch_size']}, "
+                     f"gamma {c['gamma']}, lr {c['lr']:g}, advantage normalisation {norm}", fontsize=9)
         ax.set_xlabel("env steps")
         ax.set_ylabel("mean of last 100 returns")
         ax.set_ylim(0, 520)

@@ -17,7 +17,8 @@ import ppo_cartpole as ppo  # noqa: E402
 def fake_run(folder: Path, seed: int, solved, returns, mean100, steps, config=None):
     """A run folder as ppo_cartpole.py writes it: summary.json, episodes.csv, final.pt."""
     folder.mkdir(parents=True)
-    config = config or dict(env_id="CartPole-v1", gamma=0.995, lr=0.002, normalize_advantages=False)
+    config = config or dict(env_id="CartPole-v1", num_envs=32, buffer_size=1024, minibatch_size=256, gamma=0.995,
+                             lr=0.002, normalize_advantages=False)
     (folder / "summary.json").write_text(json.dumps(dict(
         solved_at_step=solved, env_steps=steps[-1], seconds=1.0, eval_return_mean=500.0, config=config)))
     with open(folder / "episodes.csv", "w", newline="") as f:
@@ -61,5 +62,6 @@ def test_figure_orders_before_then_steps_then_after(tmp_path):
         (folder / "stats.json").write_text(json.dumps([long_run.seed_stats(folder / "seed1", 1)]))
     fig = long_run.plot(tmp_path, tmp_path / "long_run.png")
     assert [ax.get_title().split(",")[0] for ax in fig.axes] == ["before", "gamma-step", "after"]
+    assert "32 envs x 32 steps, minibatch 256" in fig.axes[0].get_title()
     assert "advantage normalisation off" in fig.axes[0].get_title()
     assert Image.open(tmp_path / "long_run.png").format == "PNG"
