@@ -16,6 +16,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import ablations  # noqa: E402
 import defects  # noqa: E402
 import ppo_cartpole as ppo  # noqa: E402
+from test_ppo_cartpole import gae_plain_loop  # noqa: E402  (the textbook recursion, one env at a time)
 
 
 def rollouts(collector_class, num_envs=3, num_steps=8, count=6, seed=0, **env_kwargs):
@@ -45,16 +46,6 @@ def test_reset_every_rollout_caps_episodes_at_T_steps():
     assert any(r.obs[0].abs().max() > 0.05 for r in ours[1:])
 
 
-def plain_gae(rewards, values, dones, bootstrap, gamma, lam):
-    """The textbook recursion over one sequence, element by element."""
-    advantages, gae, next_value = [0.0] * len(rewards), 0.0, bootstrap
-    for t in reversed(range(len(rewards))):
-        delta = rewards[t] + gamma * next_value * (1 - dones[t]) - values[t]
-        gae = delta + gamma * lam * (1 - dones[t]) * gae
-        advantages[t], next_value = gae, values[t]
-    return advantages
-
-
 def test_flat_buffer_gae_is_one_time_series_across_interleaved_envs():
     generator = torch.Generator().manual_seed(3)
     rewards, values = torch.rand(5, 2, generator=generator, dtype=torch.float64), torch.rand(5, 2, generator=generator, dtype=torch.float64)
@@ -62,8 +53,9 @@ def test_flat_buffer_gae_is_one_time_series_across_interleaved_envs():
     dones[2, 0] = 1.0
     last_value = torch.tensor([0.3, 0.7], dtype=torch.float64)
     flat, _ = defects.flat_buffer_gae(rewards, values, dones, last_value, 0.9, 0.8)
-    expected = plain_gae(rewards.flatten().tolist(), values.flatten().tolist(), dones.flatten().tolist(), 0.7, 0.9, 0.8)
-    assert flat.flatten().tolist() == pytest.approx(expected, abs=1e-12)
+    column = lambda x: x.reshape(-1, 1).tolist()  # noqa: E731  [T, N] -> one env's [T*N, 1] time series
+    expected = gae_plain_loop(column(rewards), column(values), column(dones), [0.7], 0.9, 0.8)
+    assert flat.flatten().tolist() == pytest.approx([a for [a] in expected], abs=1e-12)
     ours, _ = ppo.compute_gae(rewards, values, dones, last_value, 0.9, 0.8)
     assert not torch.allclose(flat, ours)  # two envs mixed up: not the per-env answer
 
