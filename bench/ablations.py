@@ -136,10 +136,9 @@ def table(rows: list[dict], budget: int) -> str:
 
 def plot(results: dict[str, list[dict]], budget: int, path: Path) -> None:
     from matplotlib.figure import Figure
-
-    grid = np.linspace(0, budget, GRID)
     from matplotlib.ticker import EngFormatter
 
+    grid = np.linspace(0, budget, GRID)
     fig = Figure(figsize=(16, 6), layout="constrained")
     axes = dict(zip(("defects", "details"), fig.subplots(1, 2, sharey=True)))
     palette = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive",

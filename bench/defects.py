@@ -34,7 +34,7 @@ def flat_buffer_gae(rewards, values, dones, last_value, gamma, lam):
     Inputs and outputs as ppo.compute_gae; the one bootstrap is the last entry's env's."""
     T, N = rewards.shape
     advantages = compute_gae(rewards.reshape(T * N, 1), values.reshape(T * N, 1), dones.reshape(T * N, 1),
-                                 last_value[-1:], gamma, lam)[0].reshape(T, N)  # [T*N, 1] -> [T, N]
+                             last_value[-1:], gamma, lam)[0].reshape(T, N)  # [T*N, 1] -> [T, N]
     return advantages, advantages + values
 
 
