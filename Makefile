@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train train-post test test-slow bench long-run ablations clean
+.PHONY: install train train-post test test-slow mutate bench long-run ablations clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
 test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
 	$(PYTHON) -m pytest -q
 
+mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the fast tests catch (~20 min; not in CI)
+	$(PYTHON) -m pip install -q -r mutation/requirements.txt
+	$(PYTHON) mutation/score.py
+
 bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds each, then env backends (~3 min)
 	$(PYTHON) -m pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/solve_bench.py --seeds 5 --out bench/results
@@ -42,4 +46,4 @@ ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 
 	$(PYTHON) bench/ablations.py
 
 clean:
-	rm -rf runs .pytest_cache __pycache__
+	rm -rf runs .pytest_cache __pycache__ mutants

@@ -193,13 +193,13 @@ class ActorCritic(nn.Module):
         self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs [B, D] -> (logits [B, A], values [B])."""
+        """obs [..., D] -> (logits [..., A], values [...]); [B, D] in the update, [N, D] in the rollout."""
         features = self.trunk(obs)
         return self.policy_head(features), self.value_head(features).squeeze(-1)
 
 
 def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
-    """logits [B, A] -> (actions [B] int64, logprobs [B]).
+    """logits [..., A] -> (actions [...] int64, logprobs [...]), drawn from `generator` only.
 
     Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), the same
     distribution as torch.distributions.Categorical. Not Categorical, for two reasons: its
@@ -213,12 +213,12 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = Non
 
 
 def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s): logits [B, A], actions [B] -> [B]."""
+    """log pi(a|s): logits [..., A], actions [...] -> [...]."""
     return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): [B, A] -> [B]."""
+    """Entropy of softmax(logits) over the last axis: [..., A] -> [...]."""
     logprobs = F.log_softmax(logits, dim=-1)
     return -(logprobs.exp() * logprobs).sum(-1)
 
@@ -269,40 +269,40 @@ class Collector:
         self.episode_return = torch.zeros(envs.num_envs, device=device)
         self.episode_length = torch.zeros(envs.num_envs, device=device)
 
-    @torch.inference_mode()
     def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
-        for t in range(self.rewards.shape[0]):
-            obs = self.next_obs
-            logits, values = net(obs)
-            actions, logprobs = sample_actions(logits, generator)
-            self.next_obs, rewards, terminated, truncated, _ = self.envs.step(actions)
+        with torch.inference_mode():  # no autograd graph: pi_old is data, not a function to differentiate
+            for t in range(self.rewards.shape[0]):
+                obs = self.next_obs
+                logits, values = net(obs)
+                actions, logprobs = sample_actions(logits, generator)
+                self.next_obs, rewards, terminated, truncated, _ = self.envs.step(actions)
 
-            self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, actions, logprobs, values
-            # Next-step autoreset: if the episode ended on the previous step, this step only reset
-            # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
-            self.valid[t] = 1.0 - self.prev_done
-            done = (terminated | truncated).float()
-            self.rewards[t], self.dones[t] = rewards, done
-            # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
-            self.truncated_only[t] = (truncated & ~terminated).float()
+                self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, actions, logprobs, values
+                # Next-step autoreset: if the episode ended on the previous step, this step only reset
+                # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
+                self.valid[t] = 1.0 - self.prev_done
+                done = (terminated | truncated).float()
+                self.rewards[t], self.dones[t] = rewards, done
+                # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
+                self.truncated_only[t] = (truncated & ~terminated).float()
 
-            self.episode_return += rewards
-            self.episode_length += self.valid[t]
-            self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
-            self.episode_return *= 1.0 - done
-            self.episode_length *= 1.0 - done
-            self.prev_done = done
+                self.episode_return += rewards
+                self.episode_length += self.valid[t]
+                self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
+                self.episode_return *= 1.0 - done
+                self.episode_length *= 1.0 - done
+                self.prev_done = done
 
-        last_value = net(self.next_obs)[1]
-        # In next-step mode the obs returned at an episode's last step is its true final obs, so
-        # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
-        # (The post treated the time limit as termination.)
-        next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
-        self.rewards += gamma * next_values * self.truncated_only
-        return Rollout(
-            obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
-            values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
-            ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
+            last_value = net(self.next_obs)[1]
+            # In next-step mode the obs returned at an episode's last step is its true final obs, so
+            # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
+            # (The post treated the time limit as termination.)
+            next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
+            self.rewards += gamma * next_values * self.truncated_only
+            return Rollout(
+                obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
+                values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
+                ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
 
 
 # ==================================================================================================

@@ -139,6 +139,18 @@ def test_envs_autoreset_on_the_next_step_on_every_backend(backend, mode):
     assert obs.shape == (2, 4) and obs.dtype == torch.float32
     assert [rewards.tolist() for rewards, _, _ in flags] == [[1, 1], [1, 1], [1, 1], [0, 0], [1, 1]]
     assert flags[2][2].all() and not flags[3][2].any()
+    assert [(rewards.dtype, flag.dtype) for rewards, flag, _ in flags[:1]] == [(torch.float32, torch.bool)]
+
+
+def test_numpy_envs_of_any_float_dtype_give_float32_tensors():
+    """A custom env's Box is often float64: the net gets float32 observations all the same."""
+    envs = ppo.NumpyToTorch(gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="sync", wrappers=[
+        lambda env: gym.wrappers.DtypeObservation(env, np.float64)]), torch.device("cpu"))
+    obs, _ = envs.reset(seed=0)
+    step_obs, rewards, terminated, truncated, _ = envs.step(torch.tensor([0, 1]))
+    envs.close()
+    assert (obs.dtype, step_obs.dtype, rewards.dtype, terminated.dtype, truncated.dtype) == \
+        (torch.float32, torch.float32, torch.float32, torch.bool, torch.bool)
 
 
 # ==================================================================================================
@@ -155,6 +167,18 @@ def test_actor_critic_shapes_and_near_uniform_first_policy():
     assert all(isinstance(x, int) for x in (net.obs_dim, net.act_dim, net.hidden))
 
 
+def test_layers_are_orthogonal_with_the_baselines_gains_and_zero_biases():
+    """W W^T = gain^2 I over the smaller side: sqrt(2) for the ReLU trunk, 0.01 for the policy
+    head (a near-uniform first policy), 1 for the value head, as in the PPO paper's baselines code."""
+    net = small_net(obs_dim=4, act_dim=3)
+    for layer, gain in [(net.trunk[0], math.sqrt(2)), (net.trunk[2], math.sqrt(2)), (net.policy_head, 0.01),
+                        (net.value_head, 1.0)]:
+        w = layer.weight.detach().double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        assert torch.allclose(gram, gain ** 2 * torch.eye(len(gram), dtype=torch.float64), atol=1e-5 * gain ** 2)
+        assert not layer.bias.any()
+
+
 def test_sample_actions_follows_softmax_and_matches_categoricals_log_prob():
     logits = torch.tensor([[0.5, -1.0, 2.0]]).expand(200_000, 3)
     actions, logp = ppo.sample_actions(logits, torch.Generator().manual_seed(0))
@@ -163,6 +187,27 @@ def test_sample_actions_follows_softmax_and_matches_categoricals_log_prob():
     reference = torch.distributions.Categorical(logits=logits)
     assert torch.allclose(logp, reference.log_prob(actions), atol=1e-6)
     assert torch.allclose(ppo.entropy_of(logits), reference.entropy(), atol=1e-6)
+
+
+def test_the_model_and_the_policy_helpers_work_over_the_last_axis_of_any_shape():
+    obs = torch.randn((5, 3, 4), generator=torch.Generator().manual_seed(0))  # [T, N, D]: T, N, D and A differ
+    logits, values = small_net(act_dim=6)(obs)
+    assert logits.shape == (5, 3, 6) and values.shape == (5, 3)
+    actions = torch.randint(0, 6, (5, 3), generator=torch.Generator().manual_seed(1))
+    reference = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(ppo.logprobs_of(logits, actions), reference.log_prob(actions), atol=1e-6)
+    assert torch.allclose(ppo.entropy_of(logits), reference.entropy(), atol=1e-6)
+    sampled, logprobs = ppo.sample_actions(logits, torch.Generator().manual_seed(2))
+    assert sampled.shape == (5, 3) and torch.allclose(logprobs, reference.log_prob(sampled), atol=1e-6)
+
+
+def test_sampling_draws_only_from_the_generator_it_is_given():
+    logits = torch.zeros(1000, 2)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(ppo.sample_actions(logits, torch.Generator().manual_seed(7))[0])
+    assert torch.equal(draws[0], draws[1]) and 0 < draws[0].sum() < 1000
 
 
 # ==================================================================================================
@@ -498,6 +543,141 @@ def update(rollout, net=None, seed=0, optimizer=None, **kwargs):
     return net, stats
 
 
+RATIOS = [1.5, 0.6, 1.1, 0.9, 1.0, 1.3, 0.7, 1.05, 0.95, 1.25, 0.75, 1.02]  # pi / pi_old of the 12 valid steps
+ADVANTAGES = [1.0, -1.0, 2.0, -0.5, 0.3, -2.0, 1.5, -0.2, 0.8, 0.4, -1.2, 0.1]
+
+
+def hand_made_rollout(net):
+    """A rollout of T=7 x N=2 steps, two of them autoreset steps, whose 12 valid steps have the
+    ratios RATIOS under `net`, advantages ADVANTAGES, and old values and returns chosen so that
+    value clipping matters. obs[..., 0] is each step's index in storage order.
+    Returns (rollout, advantages [T, N], returns [T, N], valid index [12])."""
+    generator = torch.Generator().manual_seed(0)
+    obs = torch.randn((7, 2, 4), generator=generator)
+    obs[..., 0] = torch.arange(14.0).reshape(7, 2)
+    actions = torch.randint(0, 2, (7, 2), generator=generator)
+    valid = torch.ones(7, 2)
+    valid[3, 0] = valid[5, 1] = 0.0
+    index = valid.flatten().nonzero().squeeze(1)
+    with torch.no_grad():
+        logits, values = net(obs.flatten(0, 1))
+    logprobs = torch.distributions.Categorical(logits=logits).log_prob(actions.flatten())
+    old_logprobs, old_values, advantages, returns = torch.zeros(4, 14)
+    old_logprobs[index] = logprobs[index] - torch.log(torch.tensor(RATIOS))
+    old_values[index] = values[index] + torch.tensor([0.5, -0.1, 0.3, -0.6, 0.05, 0.4, -0.3, 0.2, -0.05, 0.7, -0.4, 0.1])
+    advantages[index] = torch.tensor(ADVANTAGES)
+    returns[index] = old_values[index] + torch.linspace(-2.0, 3.0, 12) ** 2
+    zeros = torch.zeros(7, 2)
+    rollout = ppo.Rollout(obs=obs, actions=actions, logprobs=old_logprobs.reshape(7, 2), rewards=zeros,
+                          values=old_values.reshape(7, 2), dones=zeros, valid=valid, last_value=torch.zeros(2),
+                          ended_returns=zeros, ended_lengths=zeros)
+    return rollout, advantages.reshape(7, 2), returns.reshape(7, 2), index
+
+
+@pytest.mark.parametrize("normalize, scale", [(False, 1.0), (True, 1.0), (True, 1e-8)])
+def test_update_stats_are_the_batch_means_of_each_term_worked_out_in_numpy(normalize, scale):
+    """With lr 0 the policy stays pi, so every minibatch's stats are the same per-sample terms:
+    averaged over 2 epochs x 3 equal minibatches, they are their means over the 12 valid steps.
+    Advantages 1e-8 small show the normalisation's epsilon: (A - mean) / (std + 1e-8)."""
+    net = small_net()
+    rollout, advantages, returns, index = hand_made_rollout(net)
+    stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages * scale, returns,
+                           update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=0.2, entropy_coef=0.01,
+                           value_coef=0.5, normalize_advantages=normalize, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, values = (x.double().numpy() for x in net(rollout.obs.flatten(0, 1)[index]))
+    r, adv = np.array(RATIOS), np.array(ADVANTAGES) * scale
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std(ddof=1) + 1e-8)
+    old_values, R = rollout.values.flatten()[index].double().numpy(), returns.flatten()[index].double().numpy()
+    clipped_values = old_values + np.clip(values - old_values, -0.2, 0.2)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = {
+        "policy_loss": -np.mean(np.minimum(r * adv, np.clip(r, 0.8, 1.2) * adv)),
+        "value_loss": 0.5 * np.mean(np.maximum((values - R) ** 2, (clipped_values - R) ** 2)),
+        "entropy": np.mean(-(p * np.log(p)).sum(1)),
+        "approx_kl": np.mean(r - 1 - np.log(r)),
+        "clip_fraction": 6 / 12,  # 1.5, 0.6, 1.3, 0.7, 1.25, 0.75 are more than 0.2 from 1
+        "explained_variance": 1 - np.var(R - old_values) / np.var(R),
+    }
+    assert {k: stats[k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert (stats["epochs"], stats["minibatches"], stats["nonfinite"]) == (2, 6, [])
+
+
+def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical():
+    """One minibatch, plain SGD with lr 1: the parameters move by exactly minus the gradient of
+    L^CLIP + c1 L^VF - c2 H (eq. 9), each term written out here from torch.distributions."""
+    net = small_net()
+    rollout, advantages, returns, index = hand_made_rollout(net)
+    reference = small_net()
+    logits, values = reference(rollout.obs.flatten(0, 1)[index])
+    dist = torch.distributions.Categorical(logits=logits)
+    ratio = torch.exp(dist.log_prob(rollout.actions.flatten()[index]) - rollout.logprobs.flatten()[index])
+    adv = advantages.flatten()[index]
+    policy_loss = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    value_loss = 0.5 * ((values - returns.flatten()[index]) ** 2).mean()
+    (policy_loss + 0.7 * value_loss - 0.3 * dist.entropy().mean()).backward()
+
+    ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=1.0), rollout, advantages, returns, update_epochs=1,
+                   minibatch_size=12, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.3, value_coef=0.7,
+                   generator=torch.Generator().manual_seed(0))
+    for stepped, start in zip(net.parameters(), reference.parameters()):
+        assert torch.allclose(stepped, start - start.grad, atol=1e-6)
+    assert any(p.grad.abs().max() > 1e-3 for p in reference.parameters())
+
+
+def test_every_epoch_visits_each_valid_step_once_in_a_fresh_order():
+    net = small_net()
+    rollout, advantages, returns, index = hand_made_rollout(net)
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append(args[0][:, 0].long().tolist()))
+    ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages, returns, update_epochs=3,
+                   minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.5,
+                   generator=torch.Generator().manual_seed(0))
+    epochs = [sum(seen[i:i + 3], []) for i in (0, 3, 6)]  # 12 valid steps / 4 = 3 minibatches an epoch
+    assert len(seen) == 9 and all(sorted(epoch) == index.tolist() for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs + [index.tolist()]}) == 4  # shuffled, and anew each epoch
+
+
+class NoStep(torch.optim.SGD):
+    """An optimizer that computes nothing and never moves the parameters."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+
+    def step(self, closure=None):
+        pass
+
+
+def test_a_non_finite_loss_in_any_minibatch_is_reported_not_only_in_the_last():
+    net = small_net()
+    rollout, advantages, returns, index = hand_made_rollout(net)
+    poisoned = int(index[0])
+    advantages.view(-1)[poisoned] = float("nan")
+    minibatches = []
+    net.register_forward_hook(lambda module, args, out: minibatches.append(args[0][:, 0].long().tolist()))
+    stats = ppo.ppo_update(net, NoStep(net.parameters()), rollout, advantages, returns, update_epochs=1,
+                           minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.5,
+                           generator=torch.Generator().manual_seed(0))
+    assert poisoned not in minibatches[-1] and any(poisoned in mb for mb in minibatches)  # NaN only mid-update
+    assert stats["nonfinite"] == ["loss", "gradient norm"]
+
+
+def test_kl_early_stop_lets_a_kl_at_the_target_through():
+    """target_kl stops the update once a minibatch's KL *exceeds* it: with pi == pi_old exactly
+    (a zeroed policy head gives every action log 1/2), KL 0 at target 0 still steps once."""
+    net = small_net()
+    with torch.no_grad():
+        net.policy_head.weight.zero_()
+        net.policy_head.bias.zero_()
+    rollout, advantages, returns, _ = hand_made_rollout(net)
+    rollout.logprobs.fill_(-math.log(2))
+    stats = ppo.ppo_update(net, torch.optim.Adam(net.parameters(), lr=1e-2), rollout, advantages, returns,
+                           update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
+                           value_coef=0.5, target_kl=0.0, generator=torch.Generator().manual_seed(0))
+    assert (stats["minibatches"], stats["epochs"], stats["approx_kl"]) == (1, 0, 0.0)
+
+
 def test_normalised_advantages_make_a_solved_policys_small_advantages_as_big_a_step_as_learning():
     """The long-run mechanism: once solved, the advantages shrink ~30x (README, "The long run").
     Normalised, the update cannot tell: its step is as large as while learning. Raw (the
@@ -518,7 +698,6 @@ def test_normalised_advantages_make_a_solved_policys_small_advantages_as_big_a_s
     assert learning.abs().max() > 1e-4 and torch.allclose(solved, learning, atol=1e-6)
     learning, solved = policy_step(1.0, False), policy_step(1 / 30, False)
     assert learning.abs().max() > 1e-4 and torch.allclose(solved, learning / 30, rtol=1e-4, atol=1e-8)
-    assert not ppo.Config().normalize_advantages  # the default is the raw advantages
 
 
 def test_update_runs_k_epochs_of_minibatches_that_cover_every_valid_step():
@@ -556,17 +735,6 @@ def test_update_ignores_the_invalid_autoreset_steps():
         assert torch.equal(a, b)
 
 
-def test_ppo_update_takes_any_torch_optimizer():
-    _, _, [rollout] = collect(num_envs=4, num_steps=32)
-    frozen = small_net()
-    before = [p.clone() for p in frozen.parameters()]
-    update(rollout, net=frozen, optimizer=torch.optim.SGD(frozen.parameters(), lr=0.0))
-    assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters()))
-    moved = small_net()
-    update(rollout, net=moved, optimizer=torch.optim.SGD(moved.parameters(), lr=0.1))
-    assert any(not torch.equal(a, b) for a, b in zip(before, moved.parameters()))
-
-
 def test_ppo_update_clips_the_gradient_norm_before_the_step():
     _, _, [rollout] = collect(num_envs=4, num_steps=32)
     norms = []
@@ -590,6 +758,9 @@ def test_explained_variance_against_its_formula():
     expected = 1 - np.var([-0.5, 0, 0.5, 0], ddof=1) / np.var([1, 2, 3, 4], ddof=1)
     assert ppo.explained_variance(predicted, target) == pytest.approx(expected)
     assert ppo.explained_variance(target, target) == 1.0
+    assert ppo.explained_variance(torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 2.0])) == \
+        pytest.approx(1 - 1 / 1, abs=1e-7)  # Var(target) exactly 1, Var([0, 1, -1]) = 1
+    assert math.isnan(ppo.explained_variance(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 3.0])))  # a constant target
 
 
 # ==================================================================================================
@@ -640,8 +811,12 @@ def test_the_loop_sets_the_scheduled_lr_on_the_optimizer_each_iteration(tmp_path
         return real_update(net, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(ppo, "ppo_update", recording_update)
-    ppo.main(QUICK + ["--episodes", "4", "--lr", "0.01", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")])
+    ppo.main(QUICK + ["--episodes", "4", "--lr", "0.01", "--entropy-coef", "0.02", "--entropy-floor", "0.006",
+                      "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")])
     assert seen == [[pytest.approx(0.01 * (1 - i / 4))] for i in range(4)]
+    metrics = read_csv(tmp_path / "run" / "metrics.csv")  # and metrics.csv logs both schedules
+    assert [float(row["lr"]) for row in metrics] == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
+    assert [float(row["entropy_coef"]) for row in metrics] == pytest.approx([0.02, 0.015, 0.01, 0.006])
 
 
 def test_train_resolves_a_config_as_parse_args_does(tmp_path):
@@ -662,22 +837,73 @@ def test_stop_when_solved_stops_at_the_solve_without_confirmation(tmp_path):
     assert summary["solved_at_step"] is not None and summary["iterations"] == summary["solved_at_iteration"] + 1
 
 
-def test_ctrl_c_keeps_metrics_best_and_final_and_exits_130(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupt, signal_name, status", [(KeyboardInterrupt(), "SIGINT", 130),
+                                                            (KeyboardInterrupt("SIGTERM"), "SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_keeps_metrics_best_and_final_and_exits_128_plus_the_signal(
+        tmp_path, monkeypatch, capsys, interrupt, signal_name, status):
     real_update, calls = ppo.ppo_update, []
 
-    def interrupted_update(*args, **kwargs):
+    def interrupted_update(*args, **kwargs):  # main's SIGTERM handler raises KeyboardInterrupt("SIGTERM")
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise interrupt
         return real_update(*args, **kwargs)
 
     monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
     out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == 130
+    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == status
+    assert f"{signal_name}: writing final.pt, metrics, plot and summary" in capsys.readouterr().err
     assert len(read_csv(out / "metrics.csv")) == 2
-    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["signal"] == signal_name
     for name in ("best.pt", "final.pt", "training.png"):
         assert (out / name).exists()
+
+
+def run_rows(out):
+    """metrics.csv and episodes.csv of a run folder, without their wall-clock columns."""
+    clock = ("seconds", "steps_per_second")
+    return [[{k: v for k, v in row.items() if k not in clock} for row in read_csv(out / name)]
+            for name in ("metrics.csv", "episodes.csv")]
+
+
+def test_training_draws_nothing_from_torchs_global_rng(tmp_path, monkeypatch):
+    """Sampling and shuffling use the run's own generator, so other code drawing from torch's
+    global RNG during the run (a library, a user's hook) leaves the run as it was."""
+    argv = QUICK + ["--episodes", "3", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir"]
+    ppo.main(argv + [str(tmp_path / "quiet")])
+    real_lr_at = ppo.lr_at
+    monkeypatch.setattr(ppo, "lr_at", lambda *args: (torch.rand(5), real_lr_at(*args))[1])  # draws every iteration
+    ppo.main(argv + [str(tmp_path / "noisy")])
+    assert run_rows(tmp_path / "quiet") == run_rows(tmp_path / "noisy")
+
+
+@pytest.mark.parametrize("backend, mode, kind", [("torch", "auto", ppo.TorchCartPole),
+                                                 ("gymnasium", "sync", gym.vector.SyncVectorEnv),
+                                                 ("gymnasium", "vector_entry_point", CartPoleVectorEnv)])
+def test_train_steps_the_backend_and_vectorisation_it_is_given(tmp_path, monkeypatch, backend, mode, kind):
+    stepped, real_init = [], ppo.Collector.__init__
+
+    def recording_init(self, envs, *args):
+        stepped.append(getattr(envs, "envs", envs))  # NumpyToTorch wraps a gymnasium vector env
+        real_init(self, envs, *args)
+
+    monkeypatch.setattr(ppo.Collector, "__init__", recording_init)
+    ppo.main(QUICK + ["--episodes", "1", "--env-backend", backend, "--vectorization-mode", mode, "--confirm-episodes",
+                      "0", "--eval-episodes", "1", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")])
+    assert len(stepped) == 1 and type(stepped[0]) is kind
+
+
+def test_each_update_flag_reaches_the_update(tmp_path):
+    """A flag that changes nothing is a bug: each of these must change the run's losses."""
+    argv = QUICK + ["--episodes", "2", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir"]
+    ppo.main(argv + [str(tmp_path / "default")])
+    default, _ = run_rows(tmp_path / "default")
+    for flags in (["--value-clip-eps", "0.01"], ["--normalize-advantages"], ["--target-kl", "1e-9"]):
+        ppo.main(argv + [str(tmp_path / flags[0]), *flags])
+        metrics, _ = run_rows(tmp_path / flags[0])
+        assert [row["value_loss"] for row in metrics] != [row["value_loss"] for row in default], flags
+    assert [int(row["minibatches"]) for row in metrics] == [1, 1]  # --target-kl 1e-9: one step, then KL > 1e-9
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_finite_best_pt(tmp_path, monkeypatch, capsys):
@@ -701,6 +927,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_best_pt(tmp_path, mo
     assert not (out / "final.pt").exists() and (out / "training.png").exists()
 
 
+@pytest.mark.shell
 def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
     proc = subprocess.run([sys.executable, str(Path(ppo.__file__)), *QUICK, "--lr", "1e6", "--episodes", "30",
                            "--no-gif", "--out-dir", str(tmp_path / "run")], capture_output=True, text=True)
@@ -719,6 +946,7 @@ def start_run(tmp_path, *extra):
     return proc
 
 
+@pytest.mark.shell
 def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path):
     proc = start_run(tmp_path, "--no-gif")
     proc.send_signal(signal.SIGTERM)
@@ -730,6 +958,7 @@ def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path):
         assert (tmp_path / "run" / name).exists(), name
 
 
+@pytest.mark.shell
 def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
     proc = start_run(tmp_path)
     proc.send_signal(signal.SIGTERM)
@@ -836,8 +1065,7 @@ def test_env_without_reward_threshold_needs_target_return(capsys):
     assert ppo.parse_args(["--env-id", "NoThresholdCartPole-v0", "--target-return", "40"]).target_return == 40
 
 
-def test_cuda_requested_without_cuda_is_a_clean_error(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_cuda_requested_without_cuda_is_a_clean_error(capsys):  # the fixture hides any CUDA
     with pytest.raises(SystemExit) as exit_info:
         ppo.parse_args(["--device", "cuda"])
     assert exit_info.value.code == 2 and "--device" in capsys.readouterr().err
@@ -952,6 +1180,7 @@ def test_bad_input_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.shell
 def test_bad_input_from_the_shell_exits_2_without_traceback():
     proc = subprocess.run([sys.executable, "ppo_cartpole.py", "--minibatch-size", "99999"],
                           capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -988,6 +1217,30 @@ def test_torch_cartpole_step_matches_gymnasium_to_1e12(action):
     assert (t_terminated.numpy() == terminated).all() and (t_truncated.numpy() == truncated).all()
     assert (t_reward.numpy() == reward).all() and t_obs.dtype == torch.float32
     assert np.allclose(t_obs.numpy(), obs)
+
+
+def test_torch_cartpole_has_gymnasiums_spaces_and_a_state_before_any_reset():
+    envs, gym_envs = ppo.TorchCartPole(8, dtype=torch.float64), CartPoleVectorEnv(num_envs=8)
+    assert envs.single_observation_space == gym_envs.single_observation_space
+    assert envs.single_action_space == gym_envs.single_action_space
+    assert envs.state.shape == (8, 4) and envs.state.dtype == torch.float64
+    assert (envs.state.abs() <= 0.05).all()
+    envs.reset(seed=0)
+    assert envs.state.dtype == torch.float64  # the initial states too, not only the steps
+
+
+@pytest.mark.parametrize("index, threshold", [(0, 2.4), (2, 12 * 2 * math.pi / 360)])
+def test_torch_cartpole_thresholds_are_strict_and_exact_in_float64(index, threshold):
+    """At rest (velocities 0) one Euler step leaves x and theta as they are: exactly at the
+    threshold the episode goes on, one float64 step beyond it ends, as in gymnasium."""
+    gym_envs, torch_envs = twin_envs(2)
+    states = np.zeros((2, 4))
+    states[:, index] = [threshold, np.nextafter(threshold, 3.0)]
+    gym_envs.state = states.T.copy()
+    torch_envs.state = torch.tensor(states)
+    _, _, terminated, _, _ = gym_envs.step(np.zeros(2, dtype=np.int64))
+    _, _, t_terminated, _, _ = torch_envs.step(torch.zeros(2, dtype=torch.long))
+    assert terminated.tolist() == t_terminated.tolist() == [False, True]
 
 
 def test_torch_cartpole_short_random_episodes_match_to_the_end():
@@ -1122,8 +1375,31 @@ def test_best_policy_saves_a_candidate_only_if_it_plays_at_least_as_well(tmp_pat
     assert not best.consider(weak, ema=300) and saved_is(fair)  # checked: plays 46.55 < 210.75
     assert not best.consider(good, ema=250)  # not a new EMA best
     assert best.consider(good, ema=250, always=True) and best.confirmed == 500 and saved_is(good)
+    seconds = best.seconds
+    assert not best.consider(weak, ema=500) and best.seconds == seconds  # played the maximum: no more checks
     assert not best.consider(weak, ema=600) and saved_is(good)
-    assert best.seconds > 0
+    as_good = controller([0.1, 0.5, 1, 1])
+    with torch.no_grad():
+        as_good.value_head.bias.fill_(7.0)  # the same greedy policy, told apart by its critic
+    assert best.consider(as_good, ema=0, always=True)  # a tie is "at least as well": saved
+    loaded, config = ppo.load_agent(tmp_path / "best.pt")
+    assert loaded.value_head.bias.item() == 7.0 and config == {"env_id": "CartPole-v1"}
+
+
+def test_best_policy_counts_the_time_of_every_greedy_check(tmp_path, monkeypatch):
+    real_evaluate, durations = ppo.evaluate, []
+
+    def timed_evaluate(*args):
+        t0 = time.perf_counter()
+        returns = real_evaluate(*args)
+        durations.append(time.perf_counter() - t0)
+        return returns
+
+    monkeypatch.setattr(ppo, "evaluate", timed_evaluate)
+    best = ppo.BestPolicy(tmp_path / "best.pt", "CartPole-v1", 20, seed=3, config={})
+    for ema, gains in [(20, [0, 0, 1, 0]), (60, [0, 0, 0, 1]), (300, [0, 0, 1, 0])]:  # all three checked
+        best.consider(controller(gains), ema=ema)
+    assert len(durations) == 3 and sum(durations) <= best.seconds <= sum(durations) + 0.05
 
 
 def test_best_policy_without_confirmation_is_the_posts_ema_rule(tmp_path):
@@ -1132,6 +1408,7 @@ def test_best_policy_without_confirmation_is_the_posts_ema_rule(tmp_path):
     assert best.consider(good, ema=100)
     assert not best.consider(weak, ema=50)  # the EMA fell: no save, whatever the weights
     assert best.consider(weak, ema=101)  # a new EMA best is saved unchecked, weak or not
+    assert not best.consider(good, ema=101)  # the post's `smoothed_reward > best_reward`: a tie is no new best
     assert not best.consider(good, ema=90, always=True)  # the end-of-run check keeps the EMA's best
     assert best.seconds == 0
     fresh = ppo.BestPolicy(tmp_path / "fresh.pt", "CartPole-v1", 0, seed=3, config={})
@@ -1188,6 +1465,25 @@ def test_few_episodes_in_one_iteration_keep_the_last_window_rule():
     assert tracker.solved_at_step == 3  # the third episode completes a window at 475
     assert [round(mean, 2) for _, mean, _ in after_each] == [475, round(1050 / 3, 2)]
     assert after_each[-1][0] == 0.5 * 100 + 0.5 * 475 and after_each[-1][2] == pytest.approx(2 / 3)
+
+
+def test_solved_needs_a_full_window_of_100_by_default():
+    tracker = ppo.ReturnTracker(0.1, target_return=475)  # CartPole-v1's rule: 475 over 100 episodes
+    for i in range(99):
+        tracker.add(500.0, env_step=i)
+    assert tracker.solved_at_step is None
+    tracker.add(500.0, env_step=99)
+    assert tracker.solved_at_step == 99
+
+
+def test_exactly_a_window_of_episodes_in_one_iteration_is_judged_by_their_mean():
+    tracker = ppo.ReturnTracker(0.1, target_return=475, window=100)
+    tracker.add_iteration(np.full(99, 500.0), np.arange(99))  # 99 at 500: one short of a window
+    # The next iteration's first episode would complete a last-100 window at 500; its mean is 14.9.
+    tracker.add_iteration(np.array([500.0] + [10.0] * 99), np.arange(100) + 100)
+    assert tracker.solved_at_step is None
+    tracker.add_iteration(np.full(100, 475.0), np.arange(100) + 200)  # a mean exactly at the target
+    assert tracker.solved_at_step == 299
 
 
 def test_many_episodes_in_one_iteration_are_judged_by_their_mean():

@@ -106,6 +106,7 @@ def test_install_patches_the_module_that_trains(monkeypatch):
     assert advantages.flatten().tolist() == [0.1875, 0.375, 0.75, 1.5]
 
 
+@pytest.mark.shell
 def test_quick_study_writes_its_table_and_figure(tmp_path):
     assert ablations.main(["--quick", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "ablations.md").read_text()
