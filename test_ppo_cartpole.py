@@ -618,12 +618,14 @@ def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical(
     value_loss = 0.5 * ((values - returns.flatten()[index]) ** 2).mean()
     (policy_loss + 0.7 * value_loss - 0.3 * dist.entropy().mean()).backward()
 
-    ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=1.0), rollout, advantages, returns, update_epochs=1,
-                   minibatch_size=12, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.3, value_coef=0.7,
-                   generator=torch.Generator().manual_seed(0))
+    stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=1.0), rollout, advantages, returns,
+                           update_epochs=1, minibatch_size=12, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.3,
+                           value_coef=0.7, generator=torch.Generator().manual_seed(0))
     for stepped, start in zip(net.parameters(), reference.parameters()):
         assert torch.allclose(stepped, start - start.grad, atol=1e-6)
     assert any(p.grad.abs().max() > 1e-3 for p in reference.parameters())
+    logged = (stats["policy_loss"], stats["value_loss"], stats["entropy"], stats["minibatches"])
+    assert logged == pytest.approx((policy_loss.item(), value_loss.item(), dist.entropy().mean().item(), 1))
 
 
 def test_every_epoch_visits_each_valid_step_once_in_a_fresh_order():
