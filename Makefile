@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train train-post test test-slow mutate bench long-run ablations clean
+.PHONY: install train train-post test test-slow test-floors mutate bench long-run ablations clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
 test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
 	$(PYTHON) -m pytest -q
 
+test-floors:  ## the fast suite on the lowest version of each package requirements.txt allows, in .venv-floors (not in CI)
+	rm -rf .venv-floors && python3 -m venv .venv-floors
+	sed -nE 's/^([^#>]+)>=([0-9.]+).*/\1==\2/p' requirements.txt | xargs .venv-floors/bin/python -m pip install -q
+	.venv-floors/bin/python -m pytest -m "not slow" -q
+
 mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the fast tests catch (~20 min; not in CI)
 	$(PYTHON) -m pip install -q -r mutation/requirements.txt
 	$(PYTHON) mutation/score.py
@@ -46,4 +51,4 @@ ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 
 	$(PYTHON) bench/ablations.py
 
 clean:
-	rm -rf runs .pytest_cache __pycache__ mutants
+	rm -rf runs .pytest_cache __pycache__ mutants .venv-floors

@@ -10,7 +10,8 @@ checkpoints, the best policy, the run log, plot, GIF, evaluation and main. A rea
 the banner has read all of PPO.
 
 Every function takes what it needs as arguments and returns what it made, so any piece can be
-copied into another project alone. Shapes: T = steps per env per rollout, N = number of envs,
+copied into another project: its docstring says which pieces travel with it and what to import
+(always with `from __future__ import annotations`, as here). Shapes: T = steps per env per rollout, N = number of envs,
 B = a batch of samples, A = number of actions, D = observation size.
 
 Usage:
@@ -148,6 +149,7 @@ class NumpyToTorch:
 
     def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
         self.envs, self.device, self.num_envs = envs, device, envs.num_envs
+        self.metadata = getattr(envs, "metadata", {})  # its autoreset mode, which the Collector checks
         self.single_observation_space = envs.single_observation_space
         self.single_action_space = envs.single_action_space
 
@@ -173,14 +175,18 @@ class NumpyToTorch:
 
 
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
-    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code)."""
+    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code). Imports: torch.nn as nn."""
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
 
 
 class ActorCritic(nn.Module):
-    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head."""
+    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head.
+
+    Copy with layer_init, sample_actions, logprobs_of and entropy_of; imports: math, torch,
+    torch.nn as nn, torch.nn.functional as F.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
         super().__init__()
@@ -202,10 +208,10 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = Non
     """logits [..., A] -> (actions [...] int64, logprobs [...]), drawn from `generator` only.
 
     Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), the same
-    distribution as torch.distributions.Categorical. Not Categorical, for two reasons: its
-    `sample` cannot take our `generator` (sampling would draw from torch's global RNG), and
-    building one validates its arguments, which reads a tensor on the host: on a GPU, a wait for
-    the device at every step.
+    distribution as torch.distributions.Categorical. Not Categorical: its `sample` takes no
+    generator, so sampling would draw from torch's global RNG and a run's samples would depend on
+    whatever else draws from it. (Its sampler, torch.multinomial, also checks its input on the
+    host: on a GPU, a wait for the device at every step.)
     """
     uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
     actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
@@ -232,7 +238,7 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 class Rollout:
     """One rollout, stored [T, N] (time, env): GAE runs along time, per env.
 
-    The post's flat list interleaved the envs, so its GAE mixed them up.
+    The post's flat list interleaved the envs, so its GAE mixed them up. Copy with Collector.
     """
 
     obs: torch.Tensor  # [T, N, D]
@@ -250,14 +256,23 @@ class Rollout:
 class Collector:
     """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
 
-    envs: torch tensors in and out (see make_envs). The env state persists across rollouts: the
-    post reset every env at the start of every rollout, capping episodes at T = 256 steps, so
-    CartPole-v1's 500 was unreachable. Nothing in `collect` reads a tensor on the host, so on a
-    GPU with TorchCartPole the rollout never synchronises. The tensors are reused: a Rollout is
-    valid until the next `collect`.
+    envs: torch tensors in and out (see make_envs), autoresetting on the next step (any other
+    mode is refused). The env state persists across rollouts: the post reset every env at the
+    start of every rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
+    Nothing in `collect` reads a tensor on the host, so on a GPU with TorchCartPole the rollout
+    never synchronises. The tensors are reused: a Rollout is valid until the next `collect`.
+
+    Copy with Rollout, sample_actions and logprobs_of; imports: dataclasses.dataclass, torch,
+    torch.nn.functional as F.
     """
 
     def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
+        # gymnasium >= 1.1 can also autoreset on the same step, or not at all: then the masks below
+        # would be wrong without a sound. No key (gymnasium 1.0, TorchCartPole) means next-step.
+        mode = getattr(envs, "metadata", {}).get("autoreset_mode")
+        if getattr(mode, "value", mode) not in (None, "NextStep"):
+            raise ValueError(f"Collector needs next-step autoreset, got {mode}: make the vector env with "
+                             f"autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP")
         self.envs = envs
         shape = (num_steps, envs.num_envs)  # [T, N]
         self.obs = torch.zeros(shape + envs.single_observation_space.shape, device=device)
@@ -314,9 +329,19 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
                 last_value: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation along time, vectorised over envs.
 
-    rewards, values, dones: [T, N]; last_value: [N] (each env its own bootstrap: the post averaged
-    one over all envs). dones[t] = 1 iff the episode ended at step t, which cuts both the bootstrap
-    and the recursion there. Returns (advantages [T, N], returns [T, N] = advantages + values).
+    rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
+    (the post averaged one over all envs). Returns (advantages [T, N], returns = advantages + values).
+
+    What the inputs must already mean, for a copy of this function:
+    - dones[t] = 1 iff the episode ended *at* step t (terminated or truncated): it cuts the
+      bootstrap and the recursion there. CleanRL's dones[t] means "ended *before* step t" (its
+      loop reads dones[t + 1]): mixing the two conventions shifts every cut by one step.
+    - rewards[t] already holds the bootstrap of a truncated episode, + gamma * V(final obs)
+      (Collector.collect adds it): the cut at dones[t] would otherwise treat a time limit as failure.
+    - Every step gets an advantage: next-step autoreset steps get meaningless ones, which the cut
+      keeps out of the episode before; mask them out of the update (Rollout.valid).
+
+    Copy alone; imports: torch.
     """
     advantages = torch.zeros_like(rewards)
     gae = torch.zeros_like(last_value)
@@ -340,7 +365,7 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
     """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B].
 
     The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0
-    at 1-eps, and those clipped samples contribute no gradient.
+    at 1-eps, and those clipped samples contribute no gradient. Copy alone; imports: torch.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
@@ -352,7 +377,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
                clip_eps: float | None) -> torch.Tensor:
     """0.5 * mean((v - R)^2); with clip_eps, the post's clipped form (eq. 9's L^VF, clipped as in
     the baselines code): 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)),
-    v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B].
+    v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B]. Copy alone; imports: torch.
     """
     unclipped = (values - returns) ** 2
     if clip_eps is None:
@@ -365,7 +390,7 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
     """KL(pi_old || pi) estimated as mean((r - 1) - log r), r = pi/pi_old, on samples from pi_old.
 
     The "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020): unbiased, never
-    negative, lower variance than mean(-log r). CleanRL and SB3 log the same.
+    negative, lower variance than mean(-log r). CleanRL and SB3 log the same. Copy alone; imports: torch.
     """
     log_ratio = logprobs - old_logprobs
     return (torch.exp(log_ratio) - 1 - log_ratio).mean()
@@ -649,6 +674,7 @@ EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
 CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_SEED = 2**31 - 1 - CONFIRM_SEED_OFFSET  # numpy, torch and gymnasium all take seeds in [0, 2**31)
+MAX_EPISODES = 10_000  # greedy episodes of a check or evaluation, played all at once (an env each)
 
 
 def check_numbers(parser: argparse.ArgumentParser, config: Config) -> None:
@@ -690,11 +716,11 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
     check(c.target_kl is None or c.target_kl > 0, "--target-kl", "positive")
     check(c.max_grad_norm is None or c.max_grad_norm > 0, "--max-grad-norm", "non-negative (>= 0)")
     check(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
-    check(c.confirm_episodes >= 0, "--confirm-episodes", "non-negative (>= 0)")
+    check(0 <= c.confirm_episodes <= MAX_EPISODES, "--confirm-episodes", f"in [0, {MAX_EPISODES}], got {c.confirm_episodes}")
     check(0 <= c.seed <= MAX_SEED, "--seed", f"in [0, {MAX_SEED}], got {c.seed}")
     cores = os.cpu_count() or 1
     check(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
-    check(c.eval_episodes > 0, "--eval-episodes", "a positive integer")
+    check(0 < c.eval_episodes <= MAX_EPISODES, "--eval-episodes", f"in [1, {MAX_EPISODES}], got {c.eval_episodes}")
     if c.eval is None:  # (make_run_folder proves the folder can be made and written)
         # Never overwrite a run: its best.pt may be all the user has of it.
         out_dir = Path(c.out_dir)
@@ -917,11 +943,11 @@ class BestPolicy:
         if new_best_ema:
             self.best_ema = ema
         if self.confirm_episodes == 0:  # the post's rule: every new EMA best, unchecked
-            if not (new_best_ema or always and self.confirmed == -math.inf):
+            if not (new_best_ema or (always and self.confirmed == -math.inf)):
                 return False
             self.confirmed = self.best_ema
         else:
-            if not (always or new_best_ema and ema > self.confirmed):
+            if not (always or (new_best_ema and ema > self.confirmed)):
                 return False
             t0 = time.perf_counter()
             score = float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
@@ -1114,8 +1140,9 @@ class RunLog:
                                              and (best.confirmed >= config.target_return or not config.confirm_episodes))
 
     def finish(self, net: ActorCritic) -> dict:
-        """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation, the plot,
-        the GIF and summary.json. Returns the summary."""
+        """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation,
+        summary.json, the plot and the GIF. Returns the summary. After a signal the greedy check
+        and evaluation, which can take long, are skipped: the user asked to stop."""
         config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
         if self.bar is not None:
             self.bar.close()
@@ -1123,16 +1150,12 @@ class RunLog:
         self.episodes_file.close()
         if self.diverged is None:  # non-finite weights are neither final.pt nor a best.pt candidate
             save_checkpoint(out_dir / "final.pt", net, self.config_dict)
-            best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
+            if self.interrupted is None:
+                best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
         eval_returns = np.array([math.nan])
-        if (out_dir / "best.pt").exists():  # none if the run diverged before any policy was saved
-            best_net, _ = load_agent(out_dir / "best.pt", config.device)
+        best_net = load_agent(out_dir / "best.pt", config.device)[0] if (out_dir / "best.pt").exists() else None
+        if best_net is not None and self.interrupted is None:  # none if diverged before any save
             eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
-            if config.gif:
-                render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
-        if config.plot:
-            plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png",
-                          tracker.solved_at_step, config.target_kl)
 
         seconds = time.perf_counter() - self.start
         collect_seconds, update_seconds = self.seconds["collect"], self.seconds["update"]
@@ -1142,7 +1165,7 @@ class RunLog:
             "best_ema_return": best.best_ema if self.episodes else None,
             "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
             "eval_return_mean": finite_or_none(eval_returns.mean()), "eval_return_std": finite_or_none(eval_returns.std()),
-            "eval_episodes": config.eval_episodes, "env_steps": self.env_steps, "iterations": len(self.metrics),
+            "eval_episodes": config.eval_episodes if math.isfinite(eval_returns.mean()) else 0, "env_steps": self.env_steps, "iterations": len(self.metrics),
             "episodes": len(self.episodes), "seconds": seconds, "steps_per_second": self.env_steps / seconds,
             "collect_seconds": collect_seconds, "update_seconds": update_seconds,
             "collect_steps_per_second": self.env_steps / collect_seconds if collect_seconds else None,
@@ -1152,10 +1175,16 @@ class RunLog:
             "config": self.config_dict,
         }
         atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        if config.plot:
+            plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png",
+                          tracker.solved_at_step, config.target_kl)
+        if config.gif and best_net is not None:
+            render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
         solved = (f"solved at step {tracker.solved_at_step} ({self.solved_at_seconds:.1f} s)"
                   if tracker.solved_at_step is not None else "diverged" if self.diverged else "not solved")
         played = (f"best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over "
-                  f"{config.eval_episodes} episodes" if summary["eval_return_mean"] is not None else "no best.pt")
+                  f"{config.eval_episodes} episodes" if summary["eval_return_mean"] is not None
+                  else "best.pt not evaluated" if best_net is not None else "no best.pt")
         print(f"{solved}; {played}; {self.env_steps} steps in {seconds:.1f} s -> {out_dir}")
         return summary
 

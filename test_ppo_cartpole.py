@@ -4,6 +4,7 @@ Each test checks a function against an independent computation: a plain loop, a 
 number, torch's own Categorical, gymnasium's RecordEpisodeStatistics, or a property.
 """
 
+import ast
 import csv
 import dataclasses
 import json
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -254,6 +256,19 @@ def test_collector_masks_autoreset_steps_on_both_backends(backend):
     assert (r.rewards[r.valid == 0] == 0).all()
     returns, lengths, _ = ppo.finished_episodes(r)
     assert (returns == lengths).all()  # CartPole pays 1 per real step; reset steps count for neither
+
+
+@pytest.mark.parametrize("mode", ["SameStep", "Disabled"])
+def test_collector_refuses_envs_that_do_not_autoreset_on_the_next_step(mode):
+    """gymnasium >= 1.1's other modes would make the valid mask wrong without a sound."""
+    if not hasattr(gym.vector, "AutoresetMode"):
+        pytest.skip("gymnasium 1.0 autoresets on the next step only")
+    mode = gym.vector.AutoresetMode(mode)
+    envs = ppo.NumpyToTorch(gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="sync",
+                                         vector_kwargs={"autoreset_mode": mode}), torch.device("cpu"))
+    with pytest.raises(ValueError, match=re.escape(f"needs next-step autoreset, got {mode}")):
+        ppo.Collector(envs, 8, 0, torch.device("cpu"))
+    envs.close()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -766,6 +781,64 @@ def test_explained_variance_against_its_formula():
 
 
 # ==================================================================================================
+# Copying a piece out
+# ==================================================================================================
+
+
+def pasted(*names, imports):
+    """The source of ppo_cartpole's `names`, exec'd in a fresh namespace that holds only `imports`
+    (a line of import statements), as if pasted into a new file. None under mutmut, whose copy of
+    the script wraps every function in its own machinery."""
+    source = Path(ppo.__file__).read_text()
+    if "mutmut" in source:
+        return None
+    tree = ast.parse(source)
+    nodes = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    lines = source.splitlines()
+    chunks = [imports] + ["\n".join(lines[nodes[name].lineno - 1 - len(nodes[name].decorator_list):nodes[name].end_lineno])
+                         for name in names]
+    namespace = {"__name__": "pasted"}
+    exec(compile("from __future__ import annotations\n" + "\n\n".join(chunks), "pasted.py", "exec"), namespace)
+    return types.SimpleNamespace(**{name: namespace[name] for name in names})
+
+
+def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring_names():
+    gae = pasted("compute_gae", imports="import torch")
+    if gae is None:
+        pytest.skip("mutmut's copy of the script")
+    generator = torch.Generator().manual_seed(0)
+    rewards, values, dones = torch.rand((3, 8, 2), generator=generator)
+    inputs = (rewards, values, (dones > 0.7).float(), torch.rand(2, generator=generator), 0.9, 0.8)
+    assert all(torch.equal(a, b) for a, b in zip(gae.compute_gae(*inputs), ppo.compute_gae(*inputs)))
+
+    logprobs, old_logprobs, advantages = torch.randn((3, 6), generator=generator)
+    for name, args in [("clipped_surrogate_loss", (logprobs, old_logprobs, advantages, 0.2)),
+                       ("value_loss", (logprobs, old_logprobs, advantages, 0.2)), ("approx_kl", (logprobs, old_logprobs))]:
+        loss = getattr(pasted(name, imports="import torch"), name)
+        assert torch.equal(loss(*args), getattr(ppo, name)(*args)), name
+
+    model = pasted("layer_init", "ActorCritic", "sample_actions", "logprobs_of", "entropy_of",
+                   imports="import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F")
+    torch.manual_seed(0)
+    net = model.ActorCritic(4, 2)
+    obs = torch.randn((5, 4), generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(net(obs), small_net(0)(obs)))
+    logits = net(obs)[0]
+    assert torch.equal(model.entropy_of(logits), ppo.entropy_of(logits))
+    samples = [m.sample_actions(logits, torch.Generator().manual_seed(1)) for m in (model, ppo)]
+    assert all(torch.equal(a, b) for a, b in zip(*samples))
+
+    rollout = pasted("Rollout", "Collector", "sample_actions", "logprobs_of",
+                     imports="from dataclasses import dataclass\nimport torch\nimport torch.nn.functional as F")
+    collected = []
+    for module in (rollout, ppo):
+        collector = module.Collector(ppo.TorchCartPole(3), 40, 0, torch.device("cpu"))
+        collected.append(vars(collector.collect(small_net(0), 0.99, torch.Generator().manual_seed(0))))
+    assert collected[0].keys() == collected[1].keys()
+    assert all(torch.equal(collected[0][k], collected[1][k]) for k in collected[0])
+
+
+# ==================================================================================================
 # The training loop
 # ==================================================================================================
 
@@ -860,6 +933,31 @@ def test_ctrl_c_or_sigterm_keeps_metrics_best_and_final_and_exits_128_plus_the_s
     assert summary["interrupted"] is True and summary["signal"] == signal_name
     for name in ("best.pt", "final.pt", "training.png"):
         assert (out / name).exists()
+
+
+def test_after_a_signal_the_clean_up_plays_no_greedy_episodes(tmp_path, monkeypatch):
+    """Checks and evaluation can take long (--confirm-episodes and --eval-episodes up to 10,000):
+    a user who sends a signal wants the run to end, with its files, now."""
+    real_update, real_evaluate, calls = ppo.ppo_update, ppo.evaluate, []
+
+    def interrupted_update(*args, **kwargs):
+        calls.append("update")
+        if calls.count("update") == 3:
+            raise KeyboardInterrupt("SIGTERM")
+        return real_update(*args, **kwargs)
+
+    def evaluate(*args):
+        calls.append("evaluate")
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
+    monkeypatch.setattr(ppo, "evaluate", evaluate)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--no-plot", "--out-dir", str(out)]) == 143
+    assert calls[-1] == "update" and "evaluate" in calls  # best.pt was checked while training, not after
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_return_mean"] is None and summary["eval_episodes"] == 0
+    assert (out / "final.pt").exists() and (out / "best.pt").exists()
 
 
 def run_rows(out):
@@ -1111,7 +1209,7 @@ BAD_KINDS = [
     (["--episodes", str(10**20)], "--episodes"), (["--threads", "100000"], "--threads"),
     (["--num-envs", str(10**8), "--buffer-size", str(10**8)], "--num-envs"),
     (["--buffer-size", str(2**40), "--minibatch-size", "64"], "--buffer-size"),
-    (["--eval-episodes", str(10**9)], "--eval-episodes/--confirm-episodes"),
+    (["--eval-episodes", str(10**9)], "--eval-episodes"), (["--confirm-episodes", "10001"], "--confirm-episodes"),
 ]
 
 
