@@ -440,9 +440,7 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 
     batch_size = len(valid_idx)
     num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
-    # Sums kept as tensors on the device: an .item() per minibatch would make a GPU wait each time.
-    totals = torch.zeros(5, device=b_obs.device)  # policy loss, value loss, entropy, approx KL, clip fraction
-    finite = torch.ones(2, dtype=torch.bool, device=b_obs.device)  # loss, gradient norm: checked, not read, here
+    logged = []  # per minibatch: policy loss, value loss, entropy, approx KL, clip fraction, loss, gradient norm
     minibatches = epochs = 0
     kl_stop = False
     for _ in range(update_epochs):
@@ -466,26 +464,29 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 
             with torch.no_grad():
                 clip_fraction = ((torch.exp(logprobs - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
-                totals += torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction])
-                finite &= torch.stack([loss.isfinite(), grad_norm.isfinite()])
+                logged.append(torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction, loss, grad_norm]))
             minibatches += 1
         if kl_stop:
             break  # ends the rest of *this* update; the next rollout updates again
         epochs += 1
-    params_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all().unsqueeze(0)
-    *sums, loss_finite, grad_finite, params_finite = torch.cat([totals, finite, params_finite]).tolist()  # one read
-    stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"),
-                     [total / max(minibatches, 1) for total in sums]))
-    stats.update(explained_variance=explained_variance(b_values, b_returns), epochs=epochs, minibatches=minibatches,
-                 nonfinite=[name for name, ok in (("loss", loss_finite), ("gradient norm", grad_finite),
-                                                  ("parameters", params_finite)) if not ok])
-    return stats
+
+    # One read from the device per update (an .item() per minibatch would make a GPU wait each time).
+    means = torch.stack(logged).mean(0) if logged else torch.zeros(7, device=b_obs.device)
+    weights_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
+    policy_loss, v_loss, entropy, kl, clip_fraction, loss, grad_norm, ev, weights_ok = torch.cat(
+        [means, explained_variance(b_values, b_returns).view(1), weights_finite.view(1)]).tolist()
+    # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
+    nonfinite = [name for name, ok in (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
+                                       ("parameters", weights_ok)) if not ok]
+    return dict(policy_loss=policy_loss, value_loss=v_loss, entropy=entropy, approx_kl=kl, clip_fraction=clip_fraction,
+                explained_variance=ev, epochs=epochs, minibatches=minibatches, nonfinite=nonfinite)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target): 1 = perfect critic, <= 0 = no better than a constant."""
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target), a 0-dim tensor (no read from the device):
+    1 = perfect critic, <= 0 = no better than a constant, NaN for a constant target."""
     var_target = target.var()
-    return float("nan") if var_target == 0 else float(1 - (target - predicted).var() / var_target)
+    return torch.where(var_target == 0, math.nan, 1 - (target - predicted).var() / var_target)
 
 
 # ==================================================================================================

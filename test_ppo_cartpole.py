@@ -271,6 +271,15 @@ def test_collector_refuses_envs_that_do_not_autoreset_on_the_next_step(mode):
     envs.close()
 
 
+def test_collector_reads_an_autoreset_mode_given_as_a_string_too():
+    envs = ppo.TorchCartPole(2)
+    envs.metadata = {"autoreset_mode": "SameStep"}  # a hand-written vector env's metadata
+    with pytest.raises(ValueError, match="needs next-step autoreset, got SameStep"):
+        ppo.Collector(envs, 8, 0, torch.device("cpu"))
+    envs.metadata = {"autoreset_mode": "NextStep"}
+    ppo.Collector(envs, 8, 0, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_truncation_bootstraps_from_the_value_of_the_final_observation(mode):
     gamma = 0.9
@@ -773,11 +782,11 @@ def test_ppo_update_clips_the_gradient_norm_before_the_step():
 def test_explained_variance_against_its_formula():
     target, predicted = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.5, 2.0, 2.5, 4.0])
     expected = 1 - np.var([-0.5, 0, 0.5, 0], ddof=1) / np.var([1, 2, 3, 4], ddof=1)
-    assert ppo.explained_variance(predicted, target) == pytest.approx(expected)
-    assert ppo.explained_variance(target, target) == 1.0
-    assert ppo.explained_variance(torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 2.0])) == \
+    assert ppo.explained_variance(predicted, target).item() == pytest.approx(expected)
+    assert ppo.explained_variance(target, target).item() == 1.0
+    assert ppo.explained_variance(torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 2.0])).item() == \
         pytest.approx(1 - 1 / 1, abs=1e-7)  # Var(target) exactly 1, Var([0, 1, -1]) = 1
-    assert math.isnan(ppo.explained_variance(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 3.0])))  # a constant target
+    assert math.isnan(ppo.explained_variance(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 3.0])).item())  # constant target
 
 
 # ==================================================================================================

@@ -7,6 +7,7 @@ or listed in mutation/explained.md with its one-line reason (equivalent, or CUDA
     python mutation/score.py            # run mutmut on the scope, then print the score
     python mutation/score.py --count    # only count the last run's results
     python mutation/score.py --recheck  # rerun the timeouts one at a time, then count
+    python mutation/score.py --renumber # after a code change: entries follow their lines to new numbers
 
 mutmut's verdicts can flip between "survived" and "timeout" when the machine is loaded, so
 timeouts are counted apart, and --recheck runs them again alone.
@@ -92,20 +93,42 @@ def report(statuses: dict[str, str]) -> int:
     return 0 if not unexplained and not stale and counts["timeout"] == 0 else 1
 
 
+def renumber(statuses: dict[str, str]) -> None:
+    """Point each stale entry of explained.md at the survivor of the same function that now makes
+    its line (mutmut renumbers a function's mutants when its code changes)."""
+    notes, text, moves = explained(), EXPLAINED.read_text(), {}
+    survivors = [name for name, status in statuses.items() if status in ("survived", "no tests") and name not in notes]
+    for name, (_, line, _) in notes.items():
+        if statuses.get(name) in ("survived", "no tests") and line in mutated_line(name):
+            continue
+        function = name.rsplit("__mutmut_", 1)[0]
+        matches = [s for s in survivors if s.rsplit("__mutmut_", 1)[0] == function and line in mutated_line(s)]
+        if len(matches) == 1:
+            moves[name] = matches[0]
+            survivors.remove(matches[0])
+            print(f"  {name} -> {matches[0]}")
+    # One pass, so that a name moved onto another entry's old name is not moved twice.
+    EXPLAINED.write_text(re.sub(r"^- `(\S+)`", lambda m: f"- `{moves.get(m[1], m[1])}`", text, flags=re.MULTILINE))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", action="store_true", help="count the last run's results, run nothing")
     parser.add_argument("--recheck", action="store_true", help="rerun the last run's timeouts alone, then count")
+    parser.add_argument("--renumber", action="store_true", help="after a code change, move explained.md's entries "
+                        "to the mutants that now make their lines, then count")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    if args.recheck:
+    if args.renumber:
+        renumber(results())
+    elif args.recheck:
         timeouts = [name for name, status in results().items() if status == "timeout"]
         if timeouts:
             mutmut("run", "--max-children", "1", *timeouts, stdout=subprocess.DEVNULL)
     elif not args.count:
         mutmut("run", *PATTERNS, stdout=subprocess.DEVNULL, check=True)
     status = report(results())
-    if not args.count:
+    if not (args.count or args.renumber):
         print(f"took {time.perf_counter() - t0:.0f} s")
     return status
 
