@@ -704,6 +704,20 @@ def test_kl_early_stop_lets_a_kl_at_the_target_through():
     assert (stats["minibatches"], stats["epochs"], stats["approx_kl"]) == (1, 0, 0.0)
 
 
+def test_a_kl_stop_before_the_first_step_leaves_the_weights_and_logs_zeros():
+    net = small_net()
+    rollout, advantages, returns, index = hand_made_rollout(net)  # RATIOS: pi is already far from pi_old
+    before = [p.clone() for p in net.parameters()]
+    stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=1.0), rollout, advantages, returns,
+                           update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
+                           value_coef=0.5, target_kl=1e-9, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert (stats["minibatches"], stats["epochs"], stats["nonfinite"]) == (0, 0, [])
+    assert [stats[k] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")] == [0.0] * 5
+    R, old_values = returns.flatten()[index].numpy(), rollout.values.flatten()[index].numpy()
+    assert stats["explained_variance"] == pytest.approx(1 - np.var(R - old_values) / np.var(R), rel=1e-5)
+
+
 def test_normalised_advantages_make_a_solved_policys_small_advantages_as_big_a_step_as_learning():
     """The long-run mechanism: once solved, the advantages shrink ~30x (README, "The long run").
     Normalised, the update cannot tell: its step is as large as while learning. Raw (the
