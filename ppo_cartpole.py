@@ -11,8 +11,8 @@ the banner has read all of PPO.
 
 Every function takes what it needs as arguments and returns what it made, so any piece can be
 copied into another project: its docstring says which pieces travel with it and what to import
-(always with `from __future__ import annotations`, as here). Shapes: T = steps per env per rollout, N = number of envs,
-B = a batch of samples, A = number of actions, D = observation size.
+(always with `from __future__ import annotations`, as here). Shapes: T = steps per env per
+rollout, N = number of envs, B = a batch of samples, A = number of actions, D = observation size.
 
 Usage:
     python ppo_cartpole.py --stop-when-solved       # train with the defaults until solved
@@ -717,7 +717,8 @@ def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
     check(c.target_kl is None or c.target_kl > 0, "--target-kl", "positive")
     check(c.max_grad_norm is None or c.max_grad_norm > 0, "--max-grad-norm", "non-negative (>= 0)")
     check(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
-    check(0 <= c.confirm_episodes <= MAX_EPISODES, "--confirm-episodes", f"in [0, {MAX_EPISODES}], got {c.confirm_episodes}")
+    check(0 <= c.confirm_episodes <= MAX_EPISODES, "--confirm-episodes",
+          f"in [0, {MAX_EPISODES}], got {c.confirm_episodes}")
     check(0 <= c.seed <= MAX_SEED, "--seed", f"in [0, {MAX_SEED}], got {c.seed}")
     cores = os.cpu_count() or 1
     check(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
@@ -1166,7 +1167,8 @@ class RunLog:
             "best_ema_return": best.best_ema if self.episodes else None,
             "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
             "eval_return_mean": finite_or_none(eval_returns.mean()), "eval_return_std": finite_or_none(eval_returns.std()),
-            "eval_episodes": config.eval_episodes if math.isfinite(eval_returns.mean()) else 0, "env_steps": self.env_steps, "iterations": len(self.metrics),
+            "eval_episodes": config.eval_episodes if math.isfinite(eval_returns.mean()) else 0,
+            "env_steps": self.env_steps, "iterations": len(self.metrics),
             "episodes": len(self.episodes), "seconds": seconds, "steps_per_second": self.env_steps / seconds,
             "collect_seconds": collect_seconds, "update_seconds": update_seconds,
             "collect_steps_per_second": self.env_steps / collect_seconds if collect_seconds else None,

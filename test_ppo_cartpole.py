@@ -588,7 +588,8 @@ def hand_made_rollout(net):
     logprobs = torch.distributions.Categorical(logits=logits).log_prob(actions.flatten())
     old_logprobs, old_values, advantages, returns = torch.zeros(4, 14)
     old_logprobs[index] = logprobs[index] - torch.log(torch.tensor(RATIOS))
-    old_values[index] = values[index] + torch.tensor([0.5, -0.1, 0.3, -0.6, 0.05, 0.4, -0.3, 0.2, -0.05, 0.7, -0.4, 0.1])
+    offsets = torch.tensor([0.5, -0.1, 0.3, -0.6, 0.05, 0.4, -0.3, 0.2, -0.05, 0.7, -0.4, 0.1])  # v_old - v
+    old_values[index] = values[index] + offsets
     advantages[index] = torch.tensor(ADVANTAGES)
     returns[index] = old_values[index] + torch.linspace(-2.0, 3.0, 12) ** 2
     zeros = torch.zeros(7, 2)
