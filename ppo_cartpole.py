@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ==================================================================================================
 # Config
@@ -512,8 +513,9 @@ def train(config: Config) -> dict:
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
     log = RunLog(config)
+    bar = tqdm(range(config.num_iterations), desc="PPO", unit="it", mininterval=0.5)
     try:
-        for iteration in log.iterations():
+        for iteration in bar:
             lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -521,24 +523,27 @@ def train(config: Config) -> dict:
             # 1. Collect: N envs x T steps with the current policy, pi_old.
             with log.timed("collect"):
                 rollout = collector.collect(net, config.gamma, generator)
+            # 2. Advantages: GAE along time, per env.
+            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
+                                              config.gamma, config.gae_lambda)
+            # 3. Update: K epochs of minibatch SGD on the clipped surrogate, value loss and entropy.
             with log.timed("update"):
-                # 2. Advantages: GAE along time, per env.
-                advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones,
-                                                  rollout.last_value, config.gamma, config.gae_lambda)
-                # 3. Update: K epochs of minibatch SGD on the clipped surrogate, value loss and entropy.
                 stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
                                    minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
                                    value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef,
                                    value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
                                    target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
                                    generator=generator)
-            # 4. Log: episodes, metrics, best.pt; the run log says when a --stop-when-solved run is done.
-            if log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=entropy_coef):
+            # 4. Log: episodes, metrics and best.pt. Stop on divergence, or once solved if asked to.
+            log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=entropy_coef)
+            bar.set_postfix(log.progress, refresh=False)
+            if log.diverged or (config.stop_when_solved and log.solved_and_confirmed()):
                 break
     except KeyboardInterrupt as exc:
         log.interrupted = exc.args[0] if exc.args else "SIGINT"
         print(f"\n{log.interrupted}: writing final.pt, metrics, plot and summary", file=sys.stderr)
     finally:
+        bar.close()
         envs.close()
     return log.finish(net)
 
@@ -1070,7 +1075,7 @@ class RunLog:
         self.interrupted: str | None = None  # the signal that ended the run early, if one did
         self.diverged: str | None = None  # what went non-finite, and when, if anything did
         self.solved_at_seconds = self.solved_at_iteration = None
-        self.bar = None  # the progress bar, made by iterations()
+        self.progress: dict = {}  # for the progress bar: steps, last return, EMA, last-100 mean, steps/s
         self.metrics_file = open(self.out_dir / "metrics.csv", "w", newline="")
         self.episodes_file = open(self.out_dir / "episodes.csv", "w", newline="")
         self.metrics_csv = csv.DictWriter(self.metrics_file, METRIC_FIELDS)
@@ -1082,13 +1087,6 @@ class RunLog:
         print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
               f"{config.num_iterations} iterations of {config.buffer_size} steps -> {self.out_dir}", flush=True)
 
-    def iterations(self):
-        """range(num_iterations) behind a progress bar."""
-        from tqdm import tqdm
-
-        self.bar = tqdm(range(self.config.num_iterations), desc="PPO", unit="it", mininterval=0.5)
-        return self.bar
-
     @contextlib.contextmanager
     def timed(self, part: str):
         """Adds the time spent inside the block to self.seconds[part]."""
@@ -1096,9 +1094,8 @@ class RunLog:
         yield
         self.seconds[part] += time.perf_counter() - t0
 
-    def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> bool:
-        """One iteration's episodes and metrics row, and best.pt's turn. Returns True when a
-        --stop-when-solved run is done: solved, and a saved policy has played the target greedily."""
+    def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> None:
+        """One iteration's episodes and metrics row, and best.pt's turn."""
         config, tracker, best = self.config, self.tracker, self.best
         seconds = time.perf_counter() - self.start
         ended_returns, ended_lengths, ended_steps = finished_episodes(rollout)
@@ -1136,18 +1133,19 @@ class RunLog:
         self.metrics_csv.writerow(row)
         self.metrics_file.flush()
         self.episodes_file.flush()
-        self.bar.set_postfix(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
-                             mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"], refresh=False)
-        return self.diverged is not None or (config.stop_when_solved and tracker.solved_at_step is not None
-                                             and (best.confirmed >= config.target_return or not config.confirm_episodes))
+        self.progress = dict(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
+                             mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"])
+
+    def solved_and_confirmed(self) -> bool:
+        """Solved, and a saved best.pt has played the target greedily (or nothing is confirmed)."""
+        return self.tracker.solved_at_step is not None and (
+            self.best.confirmed >= self.config.target_return or not self.config.confirm_episodes)
 
     def finish(self, net: ActorCritic) -> dict:
         """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation,
         summary.json, the plot and the GIF. Returns the summary. After a signal the greedy check
         and evaluation, which can take long, are skipped: the user asked to stop."""
         config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
-        if self.bar is not None:
-            self.bar.close()
         self.metrics_file.close()
         self.episodes_file.close()
         if self.diverged is None:  # non-finite weights are neither final.pt nor a best.pt candidate

@@ -70,12 +70,9 @@ def child(name: str, seed: int, budget: int, out_dir: str) -> None:
     config = ppo.parse_args([*shlex.split(flags), "--seed", str(seed), "--stop-when-solved", "--confirm-episodes", "0",
                              "--device", "cpu", "--no-plot", "--no-gif", "--eval-episodes", "1", "--out-dir", out_dir])
     budget_iterations = max(1, budget // config.buffer_size)
-
-    class BudgetLog(ppo.RunLog):  # the lr schedule still runs over --episodes: only the run is cut short
-        def iterations(self):
-            return itertools.islice(super().iterations(), budget_iterations)
-
-    ppo.RunLog = BudgetLog
+    # The lr schedule still runs over --episodes: only the loop over them is cut short.
+    real_tqdm = ppo.tqdm
+    ppo.tqdm = lambda iterations, **bar: real_tqdm(itertools.islice(iterations, budget_iterations), **bar)
     ppo.train(config)
 
 
