@@ -513,7 +513,7 @@ def train(config: Config) -> dict:
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
     log = RunLog(config)
-    bar = tqdm(range(config.num_iterations), desc="PPO", unit="it", mininterval=0.5)
+    bar = tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
     try:
         for iteration in bar:
             lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)

@@ -21,6 +21,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import tqdm
 from PIL import Image
 
 import ppo_cartpole as ppo
@@ -28,6 +29,10 @@ from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 
 MODES = ["sync", "vector_entry_point"]
+
+# No progress-bar monitor thread: `make mutate` forks this process, and a fork while that thread
+# holds tqdm's lock leaves the child waiting on it forever.
+tqdm.tqdm.monitor_interval = 0
 
 
 CUDA = torch.cuda.is_available()  # the real answer, before the fixture below hides it
@@ -982,6 +987,13 @@ def test_after_a_signal_the_clean_up_plays_no_greedy_episodes(tmp_path, monkeypa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_return_mean"] is None and summary["eval_episodes"] == 0
     assert (out / "final.pt").exists() and (out / "best.pt").exists()
+
+
+def test_the_progress_bar_shows_the_run_as_it_goes(tmp_path, capsys):
+    ppo.main(QUICK + ["--episodes", "3", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir",
+                      str(tmp_path / "run")])
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # the bar's final state
+    assert re.match(r"PPO: 100%.* 3/3 .*it/s, steps=768, ret=[\d.]+, ema=\d+, mean100=\d+, sps=\d+\]$", last), last
 
 
 def run_rows(out):
