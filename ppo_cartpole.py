@@ -1153,8 +1153,9 @@ class RunLog:
             if self.interrupted is None:
                 best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
         eval_returns = np.array([math.nan])
+        # No best.pt if the run diverged before any policy was saved.
         best_net = load_agent(out_dir / "best.pt", config.device)[0] if (out_dir / "best.pt").exists() else None
-        if best_net is not None and self.interrupted is None:  # none if diverged before any save
+        if best_net is not None and self.interrupted is None:
             eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
 
         seconds = time.perf_counter() - self.start

@@ -881,6 +881,13 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def run_rows(out):
+    """metrics.csv and episodes.csv of a run folder, without their wall-clock columns."""
+    clock = ("seconds", "steps_per_second")
+    return [[{k: v for k, v in row.items() if k not in clock} for row in read_csv(out / name)]
+            for name in ("metrics.csv", "episodes.csv")]
+
+
 def test_two_iteration_run_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
     assert ppo.main(QUICK + ["--episodes", "2", "--out-dir", str(out)]) == 0
@@ -899,12 +906,9 @@ def test_two_iteration_run_writes_every_artifact(tmp_path):
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
-    runs = []
     for name in ("a", "b"):
         ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / name)])
-        rows = read_csv(tmp_path / name / "metrics.csv")
-        runs.append([{k: v for k, v in row.items() if k not in ("seconds", "steps_per_second")} for row in rows])
-    assert runs[0] == runs[1]
+    assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
 
 
 def test_the_loop_sets_the_scheduled_lr_on_the_optimizer_each_iteration(tmp_path, monkeypatch):
@@ -945,34 +949,14 @@ def test_stop_when_solved_stops_at_the_solve_without_confirmation(tmp_path):
                                                             (KeyboardInterrupt("SIGTERM"), "SIGTERM", 143)])
 def test_ctrl_c_or_sigterm_keeps_metrics_best_and_final_and_exits_128_plus_the_signal(
         tmp_path, monkeypatch, capsys, interrupt, signal_name, status):
-    real_update, calls = ppo.ppo_update, []
-
-    def interrupted_update(*args, **kwargs):  # main's SIGTERM handler raises KeyboardInterrupt("SIGTERM")
-        calls.append(1)
-        if len(calls) == 3:
-            raise interrupt
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
-    out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == status
-    assert f"{signal_name}: writing final.pt, metrics, plot and summary" in capsys.readouterr().err
-    assert len(read_csv(out / "metrics.csv")) == 2
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] is True and summary["signal"] == signal_name
-    for name in ("best.pt", "final.pt", "training.png"):
-        assert (out / name).exists()
-
-
-def test_after_a_signal_the_clean_up_plays_no_greedy_episodes(tmp_path, monkeypatch):
-    """Checks and evaluation can take long (--confirm-episodes and --eval-episodes up to 10,000):
-    a user who sends a signal wants the run to end, with its files, now."""
+    """The clean-up plays no greedy episodes: checks and evaluation can take long (--confirm-episodes
+    and --eval-episodes up to 10,000), and a user who sends a signal wants the run to end now."""
     real_update, real_evaluate, calls = ppo.ppo_update, ppo.evaluate, []
 
-    def interrupted_update(*args, **kwargs):
+    def interrupted_update(*args, **kwargs):  # main's SIGTERM handler raises KeyboardInterrupt("SIGTERM")
         calls.append("update")
         if calls.count("update") == 3:
-            raise KeyboardInterrupt("SIGTERM")
+            raise interrupt
         return real_update(*args, **kwargs)
 
     def evaluate(*args):
@@ -982,11 +966,15 @@ def test_after_a_signal_the_clean_up_plays_no_greedy_episodes(tmp_path, monkeypa
     monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
     monkeypatch.setattr(ppo, "evaluate", evaluate)
     out = tmp_path / "run"
-    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--no-plot", "--out-dir", str(out)]) == 143
+    assert ppo.main(QUICK + ["--episodes", "10", "--no-gif", "--out-dir", str(out)]) == status
+    assert f"{signal_name}: writing final.pt, metrics, plot and summary" in capsys.readouterr().err
     assert calls[-1] == "update" and "evaluate" in calls  # best.pt was checked while training, not after
+    assert len(read_csv(out / "metrics.csv")) == 2
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["signal"] == signal_name
     assert summary["eval_return_mean"] is None and summary["eval_episodes"] == 0
-    assert (out / "final.pt").exists() and (out / "best.pt").exists()
+    for name in ("best.pt", "final.pt", "training.png"):
+        assert (out / name).exists()
 
 
 def test_the_progress_bar_shows_the_run_as_it_goes(tmp_path, capsys):
@@ -994,13 +982,6 @@ def test_the_progress_bar_shows_the_run_as_it_goes(tmp_path, capsys):
                       str(tmp_path / "run")])
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # the bar's final state
     assert re.match(r"PPO: 100%.* 3/3 .*it/s, steps=768, ret=[\d.]+, ema=\d+, mean100=\d+, sps=\d+\]$", last), last
-
-
-def run_rows(out):
-    """metrics.csv and episodes.csv of a run folder, without their wall-clock columns."""
-    clock = ("seconds", "steps_per_second")
-    return [[{k: v for k, v in row.items() if k not in clock} for row in read_csv(out / name)]
-            for name in ("metrics.csv", "episodes.csv")]
 
 
 def test_training_draws_nothing_from_torchs_global_rng(tmp_path, monkeypatch):

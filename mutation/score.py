@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import fnmatch
+import functools
 import re
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def explained() -> dict[str, tuple[str, str, str]]:
     return {name: (kind, line, reason) for name, kind, reason, line in entries}
 
 
+@functools.cache  # one `mutmut show` (about a second) per mutant, however often renumber asks
 def mutated_line(name: str) -> str:
     """The first added line of `mutmut show name`'s diff, stripped of indentation."""
     diff = mutmut("show", name, capture_output=True, check=True).stdout
