@@ -46,14 +46,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ==================================================================================================
-# Config
-# ==================================================================================================
+# ==== Config ======================================================================================
 
 
 def option(default, help: str, **flag):
     """A Config field and its command-line flag in one place: `build_parser` makes the flag from
-    the field's name, type, default and this help text (plus argparse keywords such as choices)."""
+    the field's name, type, default and this help text (plus argparse keywords such as choices);
+    `allowed`, an interval such as "(0, 1]", is checked by `check_config` and shown in --help."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 
@@ -73,39 +72,41 @@ class Config:
     vectorization_mode: str = option("auto", "vector_entry_point = the env's native vector env (CartPole "
                                      "has one); sync = SyncVectorEnv; auto = the first if the env has one",
                                      choices=("auto", "sync", "vector_entry_point"))
-    num_envs: int | None = option(None, "N parallel envs (default: 32; torch backend: 1024)")
+    num_envs: int | None = option(None, "N parallel envs (default: 32; torch backend: 1024)", allowed="[1, 65536]")
     # Rollout and update
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
-                                 aliases=("--episodes", "--iterations"), metavar="N")
+                                 aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
     buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / "
                                      "num-envs (default: 1024; torch backend: 16384)")
     minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 2048)")
-    update_epochs: int = option(4, "K passes over each rollout")
-    lr: float = option(3e-3, "Adam learning rate")
+    update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 1e6]")
+    lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
     gamma: float = option(0.995, "discount: its horizon, 1 / (1 - gamma) = 200 steps, sees the cart "
-                          "drifting off the track long before it does")
-    gae_lambda: float = option(0.8, "GAE lambda")
+                          "drifting off the track long before it does", allowed="[0, 1]")
+    gae_lambda: float = option(0.8, "GAE lambda", allowed="[0, 1]")
     normalize_advantages: bool = option(False, "scale each rollout's advantages to mean 0, std 1: off, a "
                                         "solved policy's small advantages would be blown up to full-size updates")
     # Losses
-    clip_eps: float = option(0.2, "epsilon of the clipped surrogate L^CLIP")
+    clip_eps: float = option(0.2, "epsilon of the clipped surrogate L^CLIP", allowed="(0, 1)")
     value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old "
-                                          "(default: off; the post: 0.2)")
-    value_coef: float = option(0.5, "weight of the value loss")
-    entropy_coef: float = option(0.0, "entropy bonus at the start, annealed linearly ...")
-    entropy_floor: float = option(0.0, "... down to this floor")
-    max_grad_norm: float | None = option(0.5, "clip the gradient's global norm to this (0 = off)")
-    target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)")
+                                          "(default: off; the post: 0.2)", allowed="(0, inf)")
+    value_coef: float = option(0.5, "weight of the value loss", allowed="[0, inf)")
+    entropy_coef: float = option(0.0, "entropy bonus at the start, annealed linearly ...", allowed="[0, inf)")
+    entropy_floor: float = option(0.0, "... down to this floor", allowed="[0, inf)")
+    max_grad_norm: float | None = option(0.5, "clip the gradient's global norm to this (0 = off)", allowed="[0, inf)")
+    target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)",
+                                     allowed="(0, inf)")
     # Tracking
-    ema_alpha: float = option(0.1, "weight of the newest episode in the EMA of returns")
+    ema_alpha: float = option(0.1, "weight of the newest episode in the EMA of returns", allowed="(0, 1]")
     target_return: float | None = option(None, "'solved' bar for the mean of the last 100 returns "
                                          "(default: the env's reward_threshold, 475 for CartPole-v1)")
     stop_when_solved: bool = option(False, "end training once solved and a best.pt candidate has "
                                     "played the target greedily")
-    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate (0 = save on the EMA alone)")
+    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate, played at once "
+                                  "(0 = save on the EMA alone)", allowed="[0, 10000]")
     # The run
-    seed: int = option(1, "seeds the network, the envs, sampling and shuffling")
+    seed: int = option(1, "seeds the network, the envs, sampling and shuffling", allowed="[0, 2e9]")
     device: str = option("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
     threads: int = option(1, "torch CPU threads")
     out_dir: str | None = option(None, "run folder (default: a fresh runs/<env>__seed<seed>__<time>)")
@@ -113,12 +114,10 @@ class Config:
     gif: bool = option(True, "write agent.gif")
     eval: str | None = option(None, "evaluate this checkpoint greedily (and write its GIF) instead of training",
                               metavar="CHECKPOINT")
-    eval_episodes: int = option(10, "greedy episodes of the final evaluation")
+    eval_episodes: int = option(10, "greedy episodes of the final evaluation, played at once", allowed="[1, 10000]")
 
 
-# ==================================================================================================
-# Environments
-# ==================================================================================================
+# ==== Environments ================================================================================
 
 
 def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "gymnasium",
@@ -170,9 +169,7 @@ class NumpyToTorch:
         self.envs.close()
 
 
-# ==================================================================================================
-# Model
-# ==================================================================================================
+# ==== Model =======================================================================================
 
 
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -230,9 +227,7 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
-# ==================================================================================================
-# Rollout
-# ==================================================================================================
+# ==== Rollout =====================================================================================
 
 
 @dataclass
@@ -321,9 +316,7 @@ class Collector:
                 ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
 
 
-# ==================================================================================================
-# Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12)
-# ==================================================================================================
+# ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
@@ -356,9 +349,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     return advantages, advantages + values
 
 
-# ==================================================================================================
-# Losses
-# ==================================================================================================
+# ==== Losses ======================================================================================
 
 
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -397,9 +388,7 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
     return (torch.exp(log_ratio) - 1 - log_ratio).mean()
 
 
-# ==================================================================================================
-# PPO update
-# ==================================================================================================
+# ==== PPO update ==================================================================================
 
 
 def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
@@ -490,9 +479,7 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.T
     return torch.where(var_target == 0, math.nan, 1 - (target - predicted).var() / var_target)
 
 
-# ==================================================================================================
-# The training loop
-# ==================================================================================================
+# ==== The training loop ===========================================================================
 
 
 def train(config: Config) -> dict:
@@ -549,31 +536,32 @@ def train(config: Config) -> dict:
 
 
 # ##################################################################################################
-#
-#   Around the algorithm. PPO ends above. What follows is the machinery of a run: settings (the
-#   backends' sizes, the post's settings, flags and their validation), CartPole in torch,
-#   checkpoints, the choice of best.pt, the run log, plot, GIF, evaluation and main.
-#
+#   PPO ends above. What follows is the machinery of a run: settings (the backends' sizes, the post's
+#   settings, flags and their checks), CartPole in torch, checkpoints, the choice of best.pt, the run
+#   log, plot, GIF, evaluation and main.
 # ##################################################################################################
 
 
-# ==================================================================================================
-# Settings: backend sizes, resolve, flags, validation
-# ==================================================================================================
+# ==== Settings: backend sizes, resolve, flags, validation =========================================
+
 
 # The sizes a backend runs at unless given. With TorchCartPole on a GPU, thousands of envs cost
 # little more than eight, and 256-sample minibatches would mean hundreds of optimizer steps per
-# rollout (README, "The torch backend").
+# rollout (docs/torch-backend.md).
 BACKEND_SIZES = {
     "gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
     "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048},
 }
 
 # The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
-# (with its defects fixed). README, "Flags", says what each of our defaults gained.
+# (with its defects fixed). README, "The post's values and ours", says what each of ours gained.
 POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
                  "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --normalize-advantages --entropy-coef 0.02 "
                  "--entropy-floor 0.001 --value-clip-eps 0.2 --max-grad-norm 0")
+
+EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
+CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both (seeds < 2**31)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -589,13 +577,10 @@ def default_out_dir(env_id: str, seed: int) -> str:
 
 
 def resolve(config: Config) -> Config:
-    """The Config a run uses, every derived value settled in this one place (parse_args and train
-    both call it; a resolved Config comes back unchanged):
-
-    device "auto" -> cuda or cpu; env_backend "auto" -> torch on CUDA for CartPole-v1 unless a
-    gymnasium vectorisation mode is asked for, else gymnasium; the backend's sizes where None;
-    max_grad_norm 0 -> None (off). Training only: target_return None -> the env's reward_threshold
-    (None if it has none), out_dir None -> a fresh runs/... folder.
+    """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
+    the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
+    asked for); the backend's sizes where None; max_grad_norm 0 -> None. Training only: the env's
+    reward_threshold as target_return where None, and a fresh runs/... folder as out_dir where None.
     """
     device = resolve_device(config.device)
     backend = config.env_backend
@@ -627,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
         if field.default is not None:
             flag["help"] += f" (default: {field.default})"
+        if "allowed" in flag:
+            flag["help"] += f" (allowed: {flag.pop('allowed')})"
         if kind is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default, **flag)
         else:
@@ -635,162 +622,112 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a resolved, validated Config. A bad value exits with status 2 and one `error:` line
-    (after argparse's usage line) naming the flag and what it allows."""
+    """argv -> a resolved, validated Config, its run folder made. A bad value exits with status 2
+    and one `error:` line (after argparse's usage line) naming the flag and what it allows."""
     parser = build_parser()
     config = Config(**vars(parser.parse_args(argv)))
-    if config.device == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: must be auto or cpu: CUDA is not available on this machine")
-    check_numbers(parser, config)
-    obs_dim = check_env(parser, config) if config.eval is None else 4  # before resolve, which reads the env's spec
+
+    def require(ok: bool, flag: str, allowed: str) -> None:
+        if not ok:
+            parser.error(f"argument {flag}: must be {allowed}")
+
+    require(config.device != "cuda" or torch.cuda.is_available(), "--device",
+            "auto or cpu: CUDA is not available on this machine")
+    obs_dim = check_env(config, require) if config.eval is None else 4  # before resolve, which reads the env's spec
     config = resolve(config)
-    check_config(parser, config)
-    check_memory(parser, config, obs_dim)
-    make_run_folder(parser, config)
+    check_config(config, require)
+    check_memory(config, obs_dim, require)
+    if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
+        probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
+        try:  # proof that the folder can be made and written to: do it
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            require(False, "--out-dir", f"a folder that can be created and written to ({config.out_dir}: "
+                    f"{exc.strerror or exc})")
     return config
 
 
-def require(parser: argparse.ArgumentParser, ok: bool, flag: str, allowed: str) -> None:
-    """Exit with `error: argument FLAG: must be ALLOWED` unless ok."""
-    if not ok:
-        parser.error(f"argument {flag}: must be {allowed}")
-
-
-def check_env(parser: argparse.ArgumentParser, config: Config) -> int:
+def check_env(config: Config, require) -> int:
     """Make the env once to check what PPO here relies on; returns its observation size D."""
     try:
         spec = gym.spec(config.env_id)
         env = gym.make(config.env_id)
     except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
-        parser.error(f"argument --env-id: cannot make {config.env_id!r}: {exc}")
+        require(False, "--env-id", f"an env gymnasium can make: {config.env_id!r}: {exc}")
     action_space, observation_space = env.action_space, env.observation_space
     env.close()
-    require(parser, isinstance(action_space, gym.spaces.Discrete), "--env-id",
+    require(isinstance(action_space, gym.spaces.Discrete), "--env-id",
             f"an env with a Discrete action space ({config.env_id} has {action_space})")
-    require(parser, isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
+    require(isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
             "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
-    require(parser, config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
+    require(config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
             "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
-    require(parser, config.target_return is not None or spec.reward_threshold is not None, "--target-return",
+    require(config.target_return is not None or spec.reward_threshold is not None, "--target-return",
             f"given for {config.env_id}, which has no reward_threshold")
     return observation_space.shape[0]
 
 
-EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
-CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-MAX_SEED = 2**31 - 1 - CONFIRM_SEED_OFFSET  # numpy, torch and gymnasium all take seeds in [0, 2**31)
-MAX_EPISODES = 10_000  # greedy episodes of a check or evaluation, played all at once (an env each)
+def in_interval(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written as in maths: "(0, 1]" excludes 0, includes 1."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = low < value if interval[0] == "(" else low <= value
+    return above and (value < high if interval[-1] == ")" else value <= high)
 
 
-def check_numbers(parser: argparse.ArgumentParser, config: Config) -> None:
-    """Every float flag a finite float32 number (what torch computes in): nan and inf never train."""
+def check_config(c: Config, require) -> None:
+    """Every value of a resolved Config in its range (nan and inf never train), and a run folder
+    without an earlier run in it."""
     for field in dataclasses.fields(Config):
-        value = getattr(config, field.name)
-        if isinstance(value, float):
-            require(parser, math.isfinite(value) and abs(value) <= FLOAT32_MAX, "--" + field.name.replace("_", "-"),
-                    f"a finite number, got {value}")
-
-
-def check_config(parser: argparse.ArgumentParser, c: Config) -> None:
-    """Every value of a resolved Config in its range, and a run folder without an earlier run."""
-    def check(ok, flag, allowed):
-        require(parser, ok, flag, allowed)
-
+        value, allowed = getattr(c, field.name), field.metadata.get("allowed")
+        flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])
+        if isinstance(value, float):  # what torch computes in: a finite float32
+            require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")
+        if allowed and value is not None:
+            require(in_interval(value, allowed), flag, f"in {allowed}, got {value}")
     if c.env_backend == "torch":
-        check(c.env_id == "CartPole-v1", "--env-backend",
-              f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
-        check(c.vectorization_mode == "auto", "--vectorization-mode",
-              "left out with --env-backend torch, which steps its own vectorised CartPole")
-    check(0 < c.num_iterations <= 10**9, "--num-iterations/--episodes", "a positive integer up to 1e9")
-    check(c.num_envs > 0, "--num-envs", "a positive integer")
-    check(c.buffer_size > 0, "--buffer-size", "a positive integer")
-    check(c.buffer_size % c.num_envs == 0, "--buffer-size",
-          f"a multiple of --num-envs ({c.num_envs}), got {c.buffer_size}")
-    check(c.minibatch_size > 0, "--minibatch-size", "a positive integer")
-    check(c.minibatch_size <= c.buffer_size, "--minibatch-size",
-          f"at most --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
-    check(0 < c.update_epochs <= 10**6, "--update-epochs", "a positive integer up to 1e6")
-    check(0 < c.clip_eps < 1, "--clip-eps", f"in (0, 1), got {c.clip_eps}")
-    check(c.value_clip_eps is None or c.value_clip_eps > 0, "--value-clip-eps", "positive")
-    check(0 < c.lr <= 1e30, "--lr", f"a positive number up to 1e30, got {c.lr}")
-    check(0 <= c.gamma <= 1, "--gamma", f"in [0, 1], got {c.gamma}")
-    check(0 <= c.gae_lambda <= 1, "--gae-lambda", f"in [0, 1], got {c.gae_lambda}")
-    check(c.entropy_coef >= 0, "--entropy-coef", "non-negative (>= 0)")
-    check(c.entropy_floor >= 0, "--entropy-floor", "non-negative (>= 0)")
-    check(c.value_coef >= 0, "--value-coef", "non-negative (>= 0)")
-    check(c.target_kl is None or c.target_kl > 0, "--target-kl", "positive")
-    check(c.max_grad_norm is None or c.max_grad_norm > 0, "--max-grad-norm", "non-negative (>= 0)")
-    check(0 < c.ema_alpha <= 1, "--ema-alpha", f"in (0, 1], got {c.ema_alpha}")
-    check(0 <= c.confirm_episodes <= MAX_EPISODES, "--confirm-episodes",
-          f"in [0, {MAX_EPISODES}], got {c.confirm_episodes}")
-    check(0 <= c.seed <= MAX_SEED, "--seed", f"in [0, {MAX_SEED}], got {c.seed}")
+        require(c.env_id == "CartPole-v1", "--env-backend",
+                f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
+        require(c.vectorization_mode == "auto", "--vectorization-mode",
+                "left out with --env-backend torch, which steps its own vectorised CartPole")
+    require(c.buffer_size > 0 and c.buffer_size % c.num_envs == 0, "--buffer-size",
+            f"a positive multiple of --num-envs ({c.num_envs}), got {c.buffer_size}")
+    require(0 < c.minibatch_size <= c.buffer_size, "--minibatch-size",
+            f"in [1, --buffer-size ({c.buffer_size})], got {c.minibatch_size}")
     cores = os.cpu_count() or 1
-    check(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
-    check(0 < c.eval_episodes <= MAX_EPISODES, "--eval-episodes", f"in [1, {MAX_EPISODES}], got {c.eval_episodes}")
-    if c.eval is None:  # (make_run_folder proves the folder can be made and written)
-        # Never overwrite a run: its best.pt may be all the user has of it.
-        out_dir = Path(c.out_dir)
-        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (out_dir / name).exists()]
-        check(not taken, "--out-dir", f"a folder without an earlier run ({out_dir} has {', '.join(taken)})")
-
-
-def memory_needed(c: Config, obs_dim: int) -> dict[str, int]:
-    """Rough bytes a run holds at once, by what the user sets: the rollout's [T, N] tensors and
-    the update's flattened copies, one minibatch's activations, the envs (a Python object each
-    under SyncVectorEnv, a few numbers each in a native or torch vector env) and the vector env
-    of the evaluation and the best.pt checks."""
-    per_env = 20_000 if c.vectorization_mode == "sync" else 200
-    eval_envs = max(c.eval_episodes, c.confirm_episodes) * (200 if c.env_id == "CartPole-v1" else 20_000)
-    return {"--buffer-size": c.buffer_size * (obs_dim + 10) * 4 * 3, "--minibatch-size": c.minibatch_size * 64 * 4 * 12,
-            "--num-envs": c.num_envs * per_env, "--eval-episodes/--confirm-episodes": eval_envs}
+    require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
+    if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
+        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (Path(c.out_dir) / name).exists()]
+        require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
 
 
 def available_memory(device: str) -> int:
     """Free bytes: the GPU's on cuda; else MemAvailable from /proc/meminfo, or all physical memory."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    line = next((line for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    return int(line.split()[1]) * 1024 if line else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(parser: argparse.ArgumentParser, c: Config, obs_dim: int) -> None:
-    """Refuse a run that would not fit in memory, before it starts (and thrashes or crashes)."""
-    needed = memory_needed(c, obs_dim)
+def check_memory(c: Config, obs_dim: int, require) -> None:
+    """Refuse a run whose tensors would not fit, before it starts (and thrashes or crashes). Per
+    step of a rollout: the observation twice (the collector's and the update's copy), 17 floats
+    (the collector's 8, GAE's 2, the update's 4 copies, the log's host copy of 3) and 4 int64 (the
+    action and its copy, the update's index and permutation). Per minibatch sample: the activations
+    autograd keeps (the 64-wide trunk, with gradients). The envs and greedy episodes are bounded by
+    the ranges of --num-envs, --eval-episodes and --confirm-episodes."""
+    per_step = 2 * 4 * obs_dim + 17 * 4 + 4 * 8
+    needed = {"--buffer-size": c.buffer_size * per_step, "--minibatch-size": c.minibatch_size * 64 * 4 * 12}
     available = available_memory(c.device)
-    if sum(needed.values()) > 0.8 * available:
-        flag = max(needed, key=needed.get)
-        sizes = (f"--num-envs {c.num_envs} x --buffer-size {c.buffer_size} x --minibatch-size {c.minibatch_size}, "
-                 f"--eval-episodes {c.eval_episodes}, --confirm-episodes {c.confirm_episodes}")
-        require(parser, False, flag, f"smaller: {sizes} need ~{sum(needed.values()) / 2**30:.1f} GiB, "
-                f"{c.device} has {available / 2**30:.1f} GiB available")
+    require(sum(needed.values()) <= 0.8 * available, max(needed, key=needed.get),
+            f"smaller: --num-envs {c.num_envs} x --buffer-size {c.buffer_size} x --minibatch-size "
+            f"{c.minibatch_size} need ~{sum(needed.values()) / 2**30:.1f} GiB, {c.device} has "
+            f"{available / 2**30:.1f} GiB available")
 
 
-def make_run_folder(parser: argparse.ArgumentParser, c: Config) -> None:
-    """Prove the run folder can be created and written by doing it; on failure remove what was made."""
-    if c.eval is not None and c.out_dir is None:
-        return  # --eval writes its GIF beside the checkpoint
-    out_dir = Path(c.out_dir)
-    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        for folder in made:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        parser.error(f"argument --out-dir: must be a folder that can be created and written to "
-                     f"({out_dir}: {exc.strerror or exc})")
-
-
-# ==================================================================================================
-# CartPole in torch: thousands of envs on the device
-# ==================================================================================================
+# ==== CartPole in torch: thousands of envs on the device ==========================================
 
 
 class TorchCartPole:
@@ -861,9 +798,7 @@ class TorchCartPole:
         pass
 
 
-# ==================================================================================================
-# Checkpoints
-# ==================================================================================================
+# ==== Checkpoints =================================================================================
 
 
 class CheckpointError(Exception):
@@ -921,9 +856,7 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return net.to(device).eval(), checkpoint["config"]
 
 
-# ==================================================================================================
-# The best policy
-# ==================================================================================================
+# ==== The best policy =============================================================================
 
 
 class BestPolicy:
@@ -966,9 +899,7 @@ class BestPolicy:
         return True
 
 
-# ==================================================================================================
-# The run log: episodes, returns, metrics, progress, summary
-# ==================================================================================================
+# ==== The run log: episodes, returns, metrics, progress, summary ==================================
 
 METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
                  "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
@@ -990,15 +921,10 @@ def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 class ReturnTracker:
-    """Streams true episode returns: their EMA, the last-100 mean, the success rate, and "solved".
-
-    "Solved" is the first episode at which the mean of the last `window` returns reaches the
-    target (CartPole-v1: 475 over 100 episodes; the post counted >= 200, CartPole-v0's bar).
-    With thousands of envs that rule breaks: all envs start together, so the first episodes of
-    an iteration to end are the failures and the survivors all truncate on the same step, and
-    "the last 100" is a biased sample that depends on tie order. So when one iteration ends
-    `window` or more episodes, solved means the mean of all of them reaches the target
-    (conservative: short episodes are over-represented in a window); see add_iteration.
+    """Streams true episode returns: their EMA, the last-`window` mean, the success rate, and
+    "solved": the first episode at which the last-`window` mean reaches the target (CartPole-v1:
+    475 over 100; the post's bar was 200, CartPole-v0's). When one iteration ends `window` or more
+    episodes, its episodes are judged together by their mean (docs/solved.md says why).
     """
 
     def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
@@ -1018,10 +944,7 @@ class ReturnTracker:
 
     def add_iteration(self, returns: np.ndarray, end_steps: np.ndarray) -> list[tuple[float, float, float]]:
         """The episodes that ended in one iteration, by end step (ties by env index): [E] each.
-
-        Below `window` episodes, the last-window rule judges each; from `window` on, the iteration
-        is judged by the mean of all of them. Returns (EMA, mean of recent, success rate) after each.
-        """
+        Returns (EMA, mean of recent, success rate) after each."""
         many = len(returns) >= self.window
         after_each = []
         for episode_return, env_step in zip(returns, end_steps):
@@ -1041,49 +964,38 @@ class ReturnTracker:
         return sum(r >= self.target_return for r in self.recent) / len(self.recent) if self.recent else float("nan")
 
 
-def finite_or_none(value: float) -> float | None:
-    """For summary.json, which (as JSON) has no NaN: None in its place."""
-    return float(value) if math.isfinite(value) else None
-
-
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
             "numpy": np.__version__}
 
 
 class RunLog:
-    """Everything a run records around the algorithm, out of the training loop's way: episodes.csv
-    and metrics.csv (a row per episode and per iteration, flushed as written), the return tracker,
-    best.pt, the progress bar, the time spent collecting and updating, and at the end final.pt,
-    the evaluation, the plot, the GIF and summary.json.
-
-    config: a resolved Config (see `resolve`); the run folder is made here.
+    """What a run records around the algorithm: episodes.csv and metrics.csv (a row per episode and
+    per iteration, flushed as written), the returns, best.pt, the progress bar's numbers and the
+    time spent collecting and updating; at the end final.pt, the evaluation, summary.json, the plot
+    and the GIF. config: a resolved Config (see `resolve`).
     """
 
     def __init__(self, config: Config):
-        self.config, self.out_dir = config, Path(config.out_dir)
+        self.config, self.out_dir, self.start = config, Path(config.out_dir), time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.start = time.perf_counter()
         self.config_dict = dataclasses.asdict(config)  # checkpoints carry it as plain values
         self.tracker = ReturnTracker(config.ema_alpha, config.target_return)
         self.best = BestPolicy(self.out_dir / "best.pt", config.env_id, config.confirm_episodes,
                                config.seed + CONFIRM_SEED_OFFSET, self.config_dict)
         self.seconds = {"collect": 0.0, "update": 0.0}
-        self.episodes: list[dict] = []
-        self.metrics: list[dict] = []
+        self.rows: dict[str, list[dict]] = {"episodes": [], "metrics": []}
+        self.files = {name: open(self.out_dir / f"{name}.csv", "w", newline="") for name in self.rows}
+        self.writers = {name: csv.DictWriter(self.files[name], fields)
+                        for name, fields in (("episodes", EPISODE_FIELDS), ("metrics", METRIC_FIELDS))}
+        for writer in self.writers.values():
+            writer.writeheader()
         self.env_steps = 0
         self.interrupted: str | None = None  # the signal that ended the run early, if one did
         self.diverged: str | None = None  # what went non-finite, and when, if anything did
         self.solved_at_seconds = self.solved_at_iteration = None
         self.progress: dict = {}  # for the progress bar: steps, last return, EMA, last-100 mean, steps/s
-        self.metrics_file = open(self.out_dir / "metrics.csv", "w", newline="")
-        self.episodes_file = open(self.out_dir / "episodes.csv", "w", newline="")
-        self.metrics_csv = csv.DictWriter(self.metrics_file, METRIC_FIELDS)
-        self.episodes_csv = csv.DictWriter(self.episodes_file, EPISODE_FIELDS)
-        self.metrics_csv.writeheader()
-        self.episodes_csv.writeheader()
-        settings = (f"torch backend, {config.num_envs} envs" if config.env_backend == "torch"
-                    else f"{config.vectorization_mode} vector env")
+        settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"
         print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
               f"{config.num_iterations} iterations of {config.buffer_size} steps -> {self.out_dir}", flush=True)
 
@@ -1094,47 +1006,44 @@ class RunLog:
         yield
         self.seconds[part] += time.perf_counter() - t0
 
+    def write(self, name: str, row: dict) -> None:
+        self.rows[name].append(row)
+        self.writers[name].writerow(row)
+
     def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> None:
         """One iteration's episodes and metrics row, and best.pt's turn."""
         config, tracker, best = self.config, self.tracker, self.best
-        seconds = time.perf_counter() - self.start
-        ended_returns, ended_lengths, ended_steps = finished_episodes(rollout)
-        end_steps = self.env_steps + ended_steps
-        after_each = tracker.add_iteration(ended_returns, end_steps)
+        now = time.perf_counter() - self.start
+        seconds = round(now, 3)
+        returns, lengths, end_steps = finished_episodes(rollout)
+        end_steps += self.env_steps
         for episode_return, length, end, (ema, mean100, success) in zip(
-                ended_returns.tolist(), ended_lengths.tolist(), end_steps.tolist(), after_each):
-            self.episodes.append({"env_step": end, "seconds": round(seconds, 3), "return": episode_return,
-                                  "length": length, "ema_return": ema, "mean100_return": mean100,
-                                  "success_rate": success})
-            self.episodes_csv.writerow(self.episodes[-1])
+                returns.tolist(), lengths.tolist(), end_steps.tolist(), tracker.add_iteration(returns, end_steps)):
+            self.write("episodes", {"env_step": end, "seconds": seconds, "return": episode_return, "length": length,
+                                    "ema_return": ema, "mean100_return": mean100, "success_rate": success})
         self.env_steps += config.buffer_size
         if tracker.solved_at_step is not None and self.solved_at_seconds is None:
-            self.solved_at_seconds, self.solved_at_iteration = seconds, iteration
-        # Solved, but no saved policy has played the target greedily yet (the sampled policy's
-        # returns can run ahead of the greedy one's): check the weights every iteration until one
-        # does, and stop only then.
-        awaiting_best = (tracker.solved_at_step is not None and config.confirm_episodes > 0
-                         and best.confirmed < config.target_return)
+            self.solved_at_seconds, self.solved_at_iteration = now, iteration
         saved = False
         if stats["nonfinite"]:  # a NaN policy is never a candidate: best.pt keeps the last finite one
             self.diverged = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
             print(f"\ndiverged at {self.diverged}; stopping. Try a lower --lr (now {schedules.get('lr', config.lr):g}) "
                   f"or gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
-        else:
-            saved = best.consider(net, tracker.ema, always=awaiting_best)
-
-        row = dict(iteration=iteration, env_steps=self.env_steps, seconds=round(seconds, 3),
-                   steps_per_second=round(self.env_steps / seconds), **schedules,
-                   **{k: stats[k] for k in METRIC_FIELDS if k in stats}, episodes=len(ended_returns),
-                   last_return=self.episodes[-1]["return"] if self.episodes else None, ema_return=tracker.ema,
-                   mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-                   best_confirmed_return=best.confirmed, best_saved=int(saved))
-        self.metrics.append(row)
-        self.metrics_csv.writerow(row)
-        self.metrics_file.flush()
-        self.episodes_file.flush()
-        self.progress = dict(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
-                             mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"])
+        else:  # once solved, check the weights every iteration until a saved policy plays the target greedily
+            saved = best.consider(net, tracker.ema, always=tracker.solved_at_step is not None
+                                  and config.confirm_episodes > 0 and best.confirmed < config.target_return)
+        episodes = self.rows["episodes"]
+        self.write("metrics", dict(
+            iteration=iteration, env_steps=self.env_steps, seconds=seconds, **schedules,
+            steps_per_second=round(self.env_steps / now), **{k: stats[k] for k in METRIC_FIELDS if k in stats},
+            episodes=len(returns), last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
+            mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
+            best_confirmed_return=best.confirmed, best_saved=int(saved)))
+        for file in self.files.values():
+            file.flush()
+        self.progress = dict(steps=self.env_steps, ret=self.rows["metrics"][-1]["last_return"],
+                             ema=f"{tracker.ema or 0:.0f}", mean100=f"{tracker.mean_recent:.0f}",
+                             sps=round(self.env_steps / now))
 
     def solved_and_confirmed(self) -> bool:
         """Solved, and a saved best.pt has played the target greedily (or nothing is confirmed)."""
@@ -1146,30 +1055,29 @@ class RunLog:
         summary.json, the plot and the GIF. Returns the summary. After a signal the greedy check
         and evaluation, which can take long, are skipped: the user asked to stop."""
         config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
-        self.metrics_file.close()
-        self.episodes_file.close()
+        for file in self.files.values():
+            file.close()
         if self.diverged is None:  # non-finite weights are neither final.pt nor a best.pt candidate
             save_checkpoint(out_dir / "final.pt", net, self.config_dict)
             if self.interrupted is None:
                 best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
-        eval_returns = np.array([math.nan])
         # No best.pt if the run diverged before any policy was saved.
         best_net = load_agent(out_dir / "best.pt", config.device)[0] if (out_dir / "best.pt").exists() else None
-        if best_net is not None and self.interrupted is None:
-            eval_returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
-
-        seconds = time.perf_counter() - self.start
-        collect_seconds, update_seconds = self.seconds["collect"], self.seconds["update"]
+        evaluated = best_net is not None and self.interrupted is None
+        returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET) \
+            if evaluated else None
+        seconds, collect_seconds = time.perf_counter() - self.start, self.seconds["collect"]
         summary = {
             "solved_at_step": tracker.solved_at_step, "solved_at_seconds": self.solved_at_seconds,
             "solved_at_iteration": self.solved_at_iteration,
-            "best_ema_return": best.best_ema if self.episodes else None,
+            "best_ema_return": best.best_ema if self.rows["episodes"] else None,
             "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
-            "eval_return_mean": finite_or_none(eval_returns.mean()), "eval_return_std": finite_or_none(eval_returns.std()),
-            "eval_episodes": config.eval_episodes if math.isfinite(eval_returns.mean()) else 0,
-            "env_steps": self.env_steps, "iterations": len(self.metrics),
-            "episodes": len(self.episodes), "seconds": seconds, "steps_per_second": self.env_steps / seconds,
-            "collect_seconds": collect_seconds, "update_seconds": update_seconds,
+            "eval_return_mean": float(returns.mean()) if evaluated else None,
+            "eval_return_std": float(returns.std()) if evaluated else None,
+            "eval_episodes": config.eval_episodes if evaluated else 0,
+            "env_steps": self.env_steps, "iterations": len(self.rows["metrics"]), "episodes": len(self.rows["episodes"]),
+            "seconds": seconds, "steps_per_second": self.env_steps / seconds, "collect_seconds": collect_seconds,
+            "update_seconds": self.seconds["update"],
             "collect_steps_per_second": self.env_steps / collect_seconds if collect_seconds else None,
             "confirm_seconds": best.seconds, "interrupted": self.interrupted is not None, "signal": self.interrupted,
             "diverged": self.diverged is not None, "divergence": self.diverged, "out_dir": str(out_dir),
@@ -1178,26 +1086,33 @@ class RunLog:
         }
         atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         if config.plot:
-            plot_training(self.episodes, self.metrics, config.target_return, out_dir / "training.png",
+            plot_training(self.rows["episodes"], self.rows["metrics"], config.target_return, out_dir / "training.png",
                           tracker.solved_at_step, config.target_kl)
         if config.gif and best_net is not None:
             render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
         solved = (f"solved at step {tracker.solved_at_step} ({self.solved_at_seconds:.1f} s)"
                   if tracker.solved_at_step is not None else "diverged" if self.diverged else "not solved")
-        played = (f"best.pt greedy return {eval_returns.mean():.1f} +- {eval_returns.std():.1f} over "
-                  f"{config.eval_episodes} episodes" if summary["eval_return_mean"] is not None
-                  else "best.pt not evaluated" if best_net is not None else "no best.pt")
+        played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
+                  f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
         print(f"{solved}; {played}; {self.env_steps} steps in {seconds:.1f} s -> {out_dir}")
         return summary
 
 
-# ==================================================================================================
-# Plot
-# ==================================================================================================
+# ==== Plot ========================================================================================
 
 
 PLOT_MAX_POINTS = 20_000  # episodes drawn as dots; beyond this, every k-th (a torch run ends ~10^5)
 EV_FLOOR = -1.0  # explained variance below this is drawn at it: one bad critic update can read -18
+LEARNING_PHASE = 3  # the left returns panel shows the run up to this many times the solve step
+# The diagnostic panels: metrics.csv column, title, colour, log scale.
+PANELS = [("policy_loss", "policy loss (L^CLIP)", "tab:blue", False),
+          ("value_loss", "value loss (log)", "tab:red", True),
+          ("entropy", "entropy of the policy", "tab:purple", False),
+          ("approx_kl", "approx KL(pi_old || pi) (log)", "tab:orange", True),
+          ("clip_fraction", "clip fraction", "tab:green", False),
+          ("explained_variance", "explained variance of V_old", "tab:gray", False),
+          ("best_confirmed_return", "best.pt: greedy return of the saved policy", "black", False),
+          ("lr", "learning rate (log)", "tab:brown", True)]
 
 
 def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
@@ -1215,95 +1130,93 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
                   solved_at_step: int | None = None, kl_target: float | None = None):
     """The PNG dashboard of a run; returns the matplotlib Figure (no pyplot: no display needed).
 
-    episodes: rows of episodes.csv; metrics: rows of metrics.csv. Panels, all against env steps,
-    the solve marked on each: returns (episodes, EMA, last-100 mean, target, success rate, each
-    best.pt save); policy and value loss; entropy; approx KL (with kl_target, the early stop's, if
-    any); clip fraction; explained variance (clipped at EV_FLOOR, said when it is); the learning
-    rate and the entropy coefficient as they ran. Each noisy diagnostic gets a trend line.
+    episodes: rows of episodes.csv; metrics: rows of metrics.csv (numbers or their text). On top,
+    the returns (each episode, EMA, last-100 mean, target, success rate, each best.pt save): on the
+    left up to LEARNING_PHASE times the solve step, where the learning happens, on the right the
+    whole run. Below, a panel per entry of PANELS against env steps, each noisy one with a trend
+    line: the early stop's kl_target on the KL, explained variance clipped at EV_FLOOR (said when
+    it is), and the entropy coefficient on the learning rate's panel when it is ever above 0.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
+    col = lambda rows, key: np.array([np.nan if row[key] in (None, "") else float(row[key]) for row in rows])  # noqa: E731
     fig = Figure(figsize=(12, 14), layout="constrained")
     grid = fig.add_gridspec(5, 2, height_ratios=(2.2, 1, 1, 1, 1))
-    ax_ret = fig.add_subplot(grid[0, :])
-    panels = [fig.add_subplot(grid[row, column], sharex=ax_ret) for row in range(1, 5) for column in range(2)]
-    ax_policy, ax_value, ax_entropy, ax_kl, ax_clip, ax_ev, ax_lr, ax_entcoef = panels
-    col = lambda rows, key: np.array([np.nan if row[key] in (None, "") else float(row[key]) for row in rows])  # noqa: E731
-
+    ax_whole = fig.add_subplot(grid[0, 1])
+    axes = [fig.add_subplot(grid[0, 0])] + [ax_whole] + [
+        fig.add_subplot(grid[row, column], sharex=ax_whole) for row in range(1, 5) for column in range(2)]
+    last_step = float(metrics[-1]["env_steps"]) if metrics else 0.0
+    learning_end = min(LEARNING_PHASE * solved_at_step, last_step) if solved_at_step else last_step
     stride = max(1, math.ceil(len(episodes) / PLOT_MAX_POINTS))
-    shown = episodes[::stride]
-    if episodes:
-        steps = col(shown, "env_step")
-        ax_ret.plot(steps, col(shown, "return"), ".", ms=2, alpha=0.3, color="tab:blue",
+    saves = [float(row["env_steps"]) for row in metrics if float(row.get("best_saved") or 0)]
+    for ax, end in zip(axes[:2], (learning_end, last_step)):
+        shown = [row for row in episodes if float(row["env_step"]) <= end][::stride]
+        if shown:
+            steps = col(shown, "env_step")
+            ax.plot(steps, col(shown, "return"), ".", ms=2, alpha=0.3, color="tab:blue",
                     label="episode return" + (f" (every {stride}th)" if stride > 1 else ""))
-        ax_ret.plot(steps, col(shown, "ema_return"), color="tab:orange", label="EMA")
-        ax_ret.plot(steps, col(shown, "mean100_return"), color="tab:red", label="mean of last 100")
-        ax_success = ax_ret.twinx()
-        ax_success.plot(steps, col(shown, "success_rate"), color="tab:green", alpha=0.6, lw=1,
-                        label=f"success rate (share of last 100 >= {target_return:g})")
-        ax_success.set_ylim(0, 1.05)
-        ax_success.set_ylabel("success rate")
-        ax_success.legend(loc="lower right")
-    ax_ret.axhline(target_return, color="black", ls="--", lw=1, label=f"target {target_return:g}")
-    saves = [float(row["env_steps"]) for row in metrics if float(row.get("best_saved") or 0)]  # rows may be CSV text
-    if saves:
-        ax_ret.plot(saves, np.full(len(saves), 0.985), "v", color="black", ms=6, transform=ax_ret.get_xaxis_transform(),
-                    label=f"best.pt saved ({len(saves)}x)")
-    if solved_at_step is not None:
-        ax_ret.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5, label="solved")
-    ax_ret.set_ylabel("return")
-    ax_ret.set_title("PPO training" + (f": solved at {solved_at_step:,} env steps" if solved_at_step else ": not solved"))
-    ax_ret.legend(loc="center right")
+            ax.plot(steps, col(shown, "ema_return"), color="tab:orange", label="EMA")
+            ax.plot(steps, col(shown, "mean100_return"), color="tab:red", label="mean of last 100")
+            ax_success = ax.twinx()
+            ax_success.plot(steps, col(shown, "success_rate"), color="tab:green", alpha=0.6, lw=1,
+                            label=f"success rate (share of last 100 >= {target_return:g})")
+            ax_success.set(ylim=(0, 1.05), ylabel="success rate")
+            ax_success.legend(loc="lower right", fontsize=8)
+        ax.axhline(target_return, color="black", ls="--", lw=1, label=f"target {target_return:g}")
+        shown_saves = [step for step in saves if step <= end]
+        if shown_saves:
+            ax.plot(shown_saves, np.full(len(shown_saves), 0.985), "v", color="black", ms=6,
+                    transform=ax.get_xaxis_transform(), label=f"best.pt saved ({len(shown_saves)}x)")
+        if solved_at_step is not None:
+            ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5, label="solved")
+        ax.set_xlim(0, end or None)
+        ax.set_ylabel("return")
+        ax.legend(loc="center right", fontsize=8)
+    solved = f"solved at {solved_at_step:,} env steps" if solved_at_step else "not solved"
+    axes[0].set_title(f"PPO learning: the first {learning_end:,.0f} env steps ({solved})", loc="left", fontsize=10)
+    ax_whole.set_title(f"the whole run: {last_step:,.0f} env steps", loc="left", fontsize=10)
 
-    if metrics:
-        steps = col(metrics, "env_steps")
-        window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
-
-        def draw(ax, values, color):
-            ax.plot(steps, values, color=color, lw=0.8, alpha=0.35 if window > 1 else 1.0)
-            if window > 1:
-                ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
-                ax.legend(loc="upper right", fontsize=8)
-
-        draw(ax_policy, col(metrics, "policy_loss"), "tab:blue")
-        draw(ax_value, col(metrics, "value_loss"), "tab:red")
-        ax_value.set_yscale("log")
-        draw(ax_entropy, col(metrics, "entropy"), "tab:purple")
-        draw(ax_kl, col(metrics, "approx_kl"), "tab:orange")
-        ax_kl.set_yscale("log")
-        if kl_target is not None:
-            ax_kl.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
-            ax_kl.legend(loc="upper right", fontsize=8)
-        draw(ax_clip, col(metrics, "clip_fraction"), "tab:green")
-        explained = col(metrics, "explained_variance")
-        below = int(np.sum(explained < EV_FLOOR))
-        draw(ax_ev, np.maximum(explained, EV_FLOOR), "tab:gray")
-        ax_ev.set_ylim(EV_FLOOR - 0.05, 1.05)
-        if below:
-            ax_ev.text(0.01, 0.04, f"clipped: {below} iteration(s) below {EV_FLOOR:g} (lowest {np.nanmin(explained):.3g})",
-                       transform=ax_ev.transAxes, fontsize=8, bbox=dict(facecolor="white", alpha=0.8, lw=0))
-        ax_lr.plot(steps, col(metrics, "lr"), color="tab:brown")
-        ax_lr.set_yscale("log")
-        ax_entcoef.plot(steps, col(metrics, "entropy_coef"), color="tab:olive")
-    titles = ("policy loss (L^CLIP)", "value loss (log)", "entropy of the policy", "approx KL(pi_old || pi) (log)",
-              "clip fraction", "explained variance of V_old", "learning rate (log)", "entropy coefficient")
-    for ax, title in zip(panels, titles):
+    window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
+    steps = col(metrics, "env_steps")
+    for ax, (key, title, color, log) in zip(axes[2:], PANELS):
+        values = col(metrics, key) if metrics else np.array([])
+        if key == "explained_variance":
+            below = values < EV_FLOOR
+            if below.any():
+                ax.text(0.01, 0.04, f"clipped: {below.sum()} iteration(s) below {EV_FLOOR:g} (lowest "
+                        f"{np.nanmin(values):.3g})", transform=ax.transAxes, fontsize=8, bbox=dict(facecolor="white", lw=0))
+            values = np.maximum(values, EV_FLOOR)
+            ax.set_ylim(EV_FLOOR - 0.05, 1.05)
+        values[~np.isfinite(values)] = np.nan  # best.pt's score is -inf until a policy is saved
+        noisy = window > 1 and key not in ("lr", "best_confirmed_return")
+        ax.plot(steps, values, color=color, lw=0.8, alpha=0.35 if noisy else 1.0)
+        if noisy:
+            ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
+        if key == "approx_kl" and kl_target is not None:
+            ax.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
+        if key == "lr" and metrics and np.nanmax(col(metrics, "entropy_coef")) > 0:
+            ax_coef = ax.twinx()
+            ax_coef.plot(steps, col(metrics, "entropy_coef"), color="tab:olive")
+            ax_coef.set_ylabel("entropy coefficient", color="tab:olive")
+            title += ", entropy coefficient (right)"
+        if log:
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=10, loc="left")
-    for ax in (ax_ret, *panels):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M, not 1500000
-        if solved_at_step is not None and ax is not ax_ret:
+        if solved_at_step is not None and ax not in axes[:2]:
             ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
-    for ax in (ax_lr, ax_entcoef):
+    for ax in axes[-2:]:
         ax.set_xlabel("env steps")
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     return fig
 
 
-# ==================================================================================================
-# GIF
-# ==================================================================================================
+# ==== GIF =========================================================================================
 
 
 def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int = 2,
@@ -1341,9 +1254,7 @@ def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int =
     return int(total)
 
 
-# ==================================================================================================
-# Evaluation
-# ==================================================================================================
+# ==== Evaluation ==================================================================================
 
 
 def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
@@ -1369,9 +1280,7 @@ def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndar
     return returns
 
 
-# ==================================================================================================
-# Main
-# ==================================================================================================
+# ==== Main ========================================================================================
 
 
 def run_eval(config: Config) -> None:

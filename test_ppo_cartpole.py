@@ -1240,10 +1240,15 @@ def test_bad_values_of_every_kind_are_one_error_line_and_leave_nothing(argv, fla
     assert not (tmp_path / "run").exists()
 
 
-def test_memory_refusal_states_the_estimate(capsys):
-    with pytest.raises(SystemExit):
-        ppo.parse_args(["--num-envs", str(10**8), "--buffer-size", str(10**8)])
-    assert re.search(r"--num-envs 100000000 x --buffer-size 100000000 .* need ~[\d.]+ GiB", capsys.readouterr().err)
+def test_memory_refusal_states_the_estimate(capsys, monkeypatch):
+    monkeypatch.setattr(ppo, "available_memory", lambda device: 2**30)
+    config = ppo.parse_args(["--num-envs", "8", "--buffer-size", "65536", "--minibatch-size", "64"])  # fits in 1 GiB
+    with pytest.raises(SystemExit):  # the rollout's tensors and the update's copies: 132 bytes a step of CartPole
+        ppo.parse_args(["--num-envs", "8", "--buffer-size", str(2**23), "--minibatch-size", "64"])
+    error = capsys.readouterr().err
+    assert re.search(r"argument --buffer-size: .*--num-envs 8 x --buffer-size 8388608 .* need ~1\.0 GiB, "
+                     r"cpu has 1\.0 GiB", error), error
+    assert config.buffer_size == 65536
 
 
 def test_an_out_dir_that_cannot_be_created_is_refused_and_nothing_is_left(tmp_path, capsys):
@@ -1626,6 +1631,7 @@ def dashboard_rows(num_episodes: int = 49, num_iterations: int = 5):
                 for i in range(1, num_episodes + 1)]
     keys = ["policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "lr", "entropy_coef"]
     metrics = [dict(env_steps=100 * (i + 1), explained_variance=1 - i, best_saved=int(i in (1, 3)),
+                    best_confirmed_return=-math.inf if i < 1 else 10.0 * i,
                     **{k: (i + 1) * 0.1 for k in keys}) for i in range(num_iterations)]
     return episodes, metrics
 
