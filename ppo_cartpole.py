@@ -48,7 +48,6 @@ from tqdm import tqdm
 
 # ==== Config ======================================================================================
 
-
 def option(default, help: str, **flag):
     """A Config field and its command-line flag in one place: `build_parser` makes the flag from
     the field's name, type, default and this help text (plus argparse keywords such as choices);
@@ -119,7 +118,6 @@ class Config:
 
 # ==== Environments ================================================================================
 
-
 def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "gymnasium",
               vectorization_mode: str = "auto", **env_kwargs):
     """N envs stepped together, torch tensors in and out: `reset(seed) -> (obs [N, D], info)`,
@@ -139,7 +137,7 @@ def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "
     return NumpyToTorch(gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs), device)
 
 
-class NumpyToTorch:
+class NumpyToTorch(gym.vector.VectorWrapper):
     """A gymnasium vector env with torch tensors in and out: the one place where numpy meets torch.
 
     Actions go to the host once per step and observations, rewards and flags come back; with
@@ -148,29 +146,20 @@ class NumpyToTorch:
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
-        self.envs, self.device, self.num_envs = envs, device, envs.num_envs
-        self.metadata = getattr(envs, "metadata", {})  # its autoreset mode, which the Collector checks
-        self.single_observation_space = envs.single_observation_space
-        self.single_action_space = envs.single_action_space
-
-    def _tensor(self, array, dtype=None) -> torch.Tensor:
-        return torch.as_tensor(array, dtype=dtype, device=self.device)
+        super().__init__(envs)
+        self.device = device
 
     def reset(self, seed: int | None = None):
-        obs, info = self.envs.reset(seed=seed)
-        return self._tensor(obs, torch.float32), info
+        obs, info = self.env.reset(seed=seed)
+        return torch.as_tensor(obs, dtype=torch.float32, device=self.device), info
 
     def step(self, actions: torch.Tensor):
-        obs, rewards, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
-        return (self._tensor(obs, torch.float32), self._tensor(rewards, torch.float32),
-                self._tensor(terminated), self._tensor(truncated), info)
-
-    def close(self) -> None:
-        self.envs.close()
+        obs, rewards, terminated, truncated, info = self.env.step(actions.cpu().numpy())
+        tensor = lambda x, dtype=None: torch.as_tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        return tensor(obs, torch.float32), tensor(rewards, torch.float32), tensor(terminated), tensor(truncated), info
 
 
 # ==== Model =======================================================================================
-
 
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
     """Orthogonal weights, zero bias (the init of the PPO paper's baselines code). Imports: torch.nn as nn."""
@@ -228,7 +217,6 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ==== Rollout =====================================================================================
-
 
 @dataclass
 class Rollout:
@@ -318,7 +306,6 @@ class Collector:
 
 # ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
 
-
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation along time, vectorised over envs.
@@ -350,7 +337,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 # ==== Losses ======================================================================================
-
 
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                            clip_eps: float) -> torch.Tensor:
@@ -389,7 +375,6 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
 
 
 # ==== PPO update ==================================================================================
-
 
 def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
     """Linear decay from lr towards 0 when annealing, else constant."""
@@ -481,7 +466,6 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.T
 
 # ==== The training loop ===========================================================================
 
-
 def train(config: Config) -> dict:
     """Train PPO as configured, write the run folder, return the summary (also summary.json).
 
@@ -543,7 +527,6 @@ def train(config: Config) -> dict:
 
 
 # ==== Settings: backend sizes, resolve, flags, validation =========================================
-
 
 # The sizes a backend runs at unless given. With TorchCartPole on a GPU, thousands of envs cost
 # little more than eight, and 256-sample minibatches would mean hundreds of optimizer steps per
@@ -729,19 +712,13 @@ def check_memory(c: Config, obs_dim: int, require) -> None:
 
 # ==== CartPole in torch: thousands of envs on the device ==========================================
 
-
 class TorchCartPole:
-    """CartPole-v1 for N envs at once in torch: gymnasium 1.x's CartPoleVectorEnv.step, on any device.
-
-    Same physics (explicit Euler), thresholds (strict), rewards (1 every step, the terminating one
-    too), time limit (500: at step 500 terminated and truncated can both be true), initial states
-    (uniform in [-0.05, 0.05)) and next-step autoreset (the step after an episode ends ignores the
-    action, returns a fresh state, reward 0, both flags false, and restarts the step count).
-    Gymnasium keeps the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12).
-    Observations are float32. `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set.
-
-    Nothing here synchronises with the host: resets draw a full [N, 4] batch every step and
-    select with torch.where, so a GPU never waits.
+    """CartPole-v1 for N envs at once in torch, on any device: gymnasium 1.x's CartPoleVectorEnv.step
+    with the same physics (explicit Euler), strict thresholds, rewards, time limit (500: terminated
+    and truncated can both be true then), initial states and next-step autoreset. Gymnasium keeps
+    the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12). Observations are
+    float32; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set. Nothing here
+    synchronises with the host: resets draw a full [N, 4] batch every step and select with torch.where.
     """
 
     gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
@@ -800,16 +777,13 @@ class TorchCartPole:
 
 # ==== Checkpoints =================================================================================
 
-
 class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt, or not one of this script's."""
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(file) on a temp file in path's folder, then os.replace it onto path.
-
-    A crash or Ctrl-C mid-write never leaves a partial file at path; the temp file is removed.
-    """
+    """Call write(file) on a temp file in path's folder, then os.replace it onto path: a crash or
+    Ctrl-C mid-write never leaves a partial file at path, and the temp file is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -828,11 +802,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def save_checkpoint(path: str | os.PathLike, net: ActorCritic, config: dict) -> None:
     """Write {state_dict, model sizes, config} atomically; config holds only str/int/float/bool/None."""
-    checkpoint = {
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "model": {"obs_dim": net.obs_dim, "act_dim": net.act_dim, "hidden": net.hidden},
-        "config": config,
-    }
+    checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "config": config,
+                  "model": {"obs_dim": net.obs_dim, "act_dim": net.act_dim, "hidden": net.hidden}}
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -840,12 +811,9 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """Checkpoint -> (net in eval mode, config dict). weights_only=True: loading runs no pickled code."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    except Exception as exc:  # missing, a folder, corrupt, or pickled code that weights_only refuses
+        reason = getattr(exc, "strerror", None) or f"not a readable checkpoint ({type(exc).__name__})"
+        raise CheckpointError(f"{path}: {reason.lower()}") from None
     if not (isinstance(checkpoint, dict) and {"state_dict", "model", "config"} <= checkpoint.keys()):
         raise CheckpointError(f"{path}: not a checkpoint of ppo_cartpole.py (keys missing)")
     try:
@@ -858,16 +826,13 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 # ==== The best policy =============================================================================
 
-
 class BestPolicy:
-    """Keeps best.pt, the policy to deploy, and what it took to choose it.
-
-    A candidate is a new best of the EMA of returns that also beats the saved policy's confirmed
-    greedy score. The EMA mixes returns earned by several recent policy versions, so the weights at
-    its peak need not play well themselves (the post saved them unchecked): a candidate is saved
-    only if `confirm_episodes` greedy episodes (run together, on `seed`, apart from training's)
-    score at least as well as the saved policy did. Once a policy has played the maximum, no more
-    time goes into checks. confirm_episodes = 0 is the post's rule: save at every new EMA best.
+    """Keeps best.pt, the policy to deploy. A candidate is a new best of the EMA of returns above
+    the saved policy's greedy score. The EMA mixes the returns of several recent policy versions, so
+    the weights at its peak need not play well themselves (the post saved them unchecked): a
+    candidate is saved only if `confirm_episodes` greedy episodes (run at once, on `seed`) score at
+    least as well as the saved policy did. confirm_episodes = 0 is the post's rule: save at every
+    new EMA best, unchecked.
     """
 
     def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
@@ -1100,7 +1065,6 @@ class RunLog:
 
 # ==== Plot ========================================================================================
 
-
 PLOT_MAX_POINTS = 20_000  # episodes drawn as dots; beyond this, every k-th (a torch run ends ~10^5)
 EV_FLOOR = -1.0  # explained variance below this is drawn at it: one bad critic update can read -18
 LEARNING_PHASE = 3  # the left returns panel shows the run up to this many times the solve step
@@ -1218,7 +1182,6 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
 
 # ==== GIF =========================================================================================
 
-
 def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int = 2,
                scale: float = 0.5, max_steps: int = 500) -> int:
     """One greedy episode rendered to an animated GIF with Pillow; returns the episode's return.
@@ -1256,7 +1219,6 @@ def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int =
 
 # ==== Evaluation ==================================================================================
 
-
 def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
     """Greedy (argmax) returns of `episodes` episodes, one per env of a vector env, run together.
 
@@ -1281,7 +1243,6 @@ def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndar
 
 
 # ==== Main ========================================================================================
-
 
 def run_eval(config: Config) -> None:
     """--eval CHECKPOINT: greedy returns, mean and std, and the agent's GIF; no training."""

@@ -67,10 +67,7 @@ def collect(mode="sync", num_envs=4, num_steps=32, rollouts=1, gamma=0.99, seed=
     return collector, net, copies
 
 
-# ==================================================================================================
-# Config
-# ==================================================================================================
-
+# ==== Config ======================================================================================
 
 def test_every_config_field_is_a_flag_of_the_same_name():
     parser = ppo.build_parser()
@@ -131,10 +128,7 @@ def test_every_command_flag_and_file_a_readme_names_exists(readme):
         assert "README.zh-CN.md" in (root / "README.md").read_text().split("\n## ")[0]  # linked from the top
 
 
-# ==================================================================================================
-# Environments
-# ==================================================================================================
-
+# ==== Environments ================================================================================
 
 @pytest.mark.parametrize("backend, mode", [("gymnasium", "sync"), ("gymnasium", "vector_entry_point"), ("torch", "auto")])
 def test_envs_autoreset_on_the_next_step_on_every_backend(backend, mode):
@@ -160,10 +154,7 @@ def test_numpy_envs_of_any_float_dtype_give_float32_tensors():
         (torch.float32, torch.float32, torch.float32, torch.bool, torch.bool)
 
 
-# ==================================================================================================
-# Model
-# ==================================================================================================
-
+# ==== Model =======================================================================================
 
 def test_actor_critic_shapes_and_near_uniform_first_policy():
     net = small_net()
@@ -217,10 +208,7 @@ def test_sampling_draws_only_from_the_generator_it_is_given():
     assert torch.equal(draws[0], draws[1]) and 0 < draws[0].sum() < 1000
 
 
-# ==================================================================================================
-# Rollout
-# ==================================================================================================
-
+# ==== Rollout =====================================================================================
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rollout_is_stored_time_by_env(mode):
@@ -305,7 +293,7 @@ def test_termination_gets_no_bootstrap():
     assert (r.rewards[r.dones.bool()] == 1.0).all()
 
 
-class ScriptedEnvs:
+class ScriptedEnvs(gym.vector.VectorEnv):
     """A vector env that replays scripted (terminated, truncated) flags, next-step autoreset style."""
 
     def __init__(self, flags):
@@ -408,10 +396,7 @@ def test_cuda_rollout_never_synchronises_and_the_users_command_runs(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["env_backend"] == "torch"
 
 
-# ==================================================================================================
-# Advantages: GAE
-# ==================================================================================================
-
+# ==== Advantages: GAE =============================================================================
 
 def gae_plain_loop(rewards, values, dones, last_value, gamma, lam):
     """The textbook recursion, one env at a time, in plain Python floats."""
@@ -495,10 +480,7 @@ def test_the_default_discount_sees_a_failure_100_steps_ahead():
     assert seen(ppo.Config.gamma) > 0.6  # 0.995: 61% of V, a signal the critic learns
 
 
-# ==================================================================================================
-# Losses
-# ==================================================================================================
-
+# ==== Losses ======================================================================================
 
 def ratios_as_logps(ratios):
     old_logp = torch.log(torch.full((len(ratios),), 0.4))
@@ -542,10 +524,7 @@ def test_approx_kl_hand_worked_and_unbiased_for_the_true_kl():
     assert estimate == pytest.approx(true_kl, rel=0.03) and estimate >= 0
 
 
-# ==================================================================================================
-# PPO update
-# ==================================================================================================
-
+# ==== PPO update ==================================================================================
 
 def test_lr_anneals_only_when_asked():
     assert ppo.lr_at(25, 100, 1e-3, anneal=True) == pytest.approx(7.5e-4)
@@ -809,10 +788,7 @@ def test_explained_variance_against_its_formula():
     assert math.isnan(ppo.explained_variance(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 3.0])).item())  # constant target
 
 
-# ==================================================================================================
-# Copying a piece out
-# ==================================================================================================
-
+# ==== Copying a piece out =========================================================================
 
 def pasted(*names, imports):
     """The source of ppo_cartpole's `names`, exec'd in a fresh namespace that holds only `imports`
@@ -867,10 +843,7 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring
     assert all(torch.equal(collected[0][k], collected[1][k]) for k in collected[0])
 
 
-# ==================================================================================================
-# The training loop
-# ==================================================================================================
-
+# ==== The training loop ===========================================================================
 
 QUICK = ["--buffer-size", "256", "--num-envs", "4", "--minibatch-size", "32", "--update-epochs", "2",
          "--eval-episodes", "2"]
@@ -1002,7 +975,7 @@ def test_train_steps_the_backend_and_vectorisation_it_is_given(tmp_path, monkeyp
     stepped, real_init = [], ppo.Collector.__init__
 
     def recording_init(self, envs, *args):
-        stepped.append(getattr(envs, "envs", envs))  # NumpyToTorch wraps a gymnasium vector env
+        stepped.append(getattr(envs, "env", envs))  # NumpyToTorch wraps a gymnasium vector env
         real_init(self, envs, *args)
 
     monkeypatch.setattr(ppo.Collector, "__init__", recording_init)
@@ -1096,10 +1069,7 @@ def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
             Image.open(tmp_path / "run" / name).verify()
 
 
-# ==================================================================================================
-# Settings: backend sizes, resolve, flags, validation
-# ==================================================================================================
-
+# ==== Settings: backend sizes, resolve, flags, validation =========================================
 
 def test_posts_settings_are_the_posts_hyper_parameters():
     c = ppo.parse_args(ppo.POST_SETTINGS.split())
@@ -1310,10 +1280,7 @@ def test_bad_input_from_the_shell_exits_2_without_traceback():
     assert "error: argument --minibatch-size" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# ==================================================================================================
-# CartPole in torch
-# ==================================================================================================
-
+# ==== CartPole in torch ===========================================================================
 
 def twin_envs(num_envs, seed=0):
     """gymnasium's CartPoleVectorEnv and a float64 TorchCartPole starting from its states."""
@@ -1411,10 +1378,7 @@ def test_torch_cartpole_seeding_is_reproducible():
     assert (first[0].abs() < 0.05).all()
 
 
-# ==================================================================================================
-# Checkpoints
-# ==================================================================================================
-
+# ==== Checkpoints =================================================================================
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path):
     path = tmp_path / "best.pt"
@@ -1463,10 +1427,7 @@ def test_eval_of_a_bad_checkpoint_is_a_clean_error(tmp_path, capsys, name):
     assert err.startswith("error: argument --eval:") and "Traceback" not in err
 
 
-# ==================================================================================================
-# The best policy
-# ==================================================================================================
-
+# ==== The best policy =============================================================================
 
 def controller(gains):
     """An ActorCritic whose greedy action is 1 (push right) iff gains . obs > 0: a hand-made policy."""
@@ -1558,10 +1519,7 @@ def test_stop_when_solved_waits_until_best_pt_plays_the_target(tmp_path):
     assert ppo.evaluate(net, "CartPole-v1", 20, seed=1 + ppo.CONFIRM_SEED_OFFSET).mean() >= 40
 
 
-# ==================================================================================================
-# The run log
-# ==================================================================================================
-
+# ==== The run log =================================================================================
 
 def test_return_tracker_matches_a_plain_computation():
     rng = np.random.default_rng(0)
@@ -1620,10 +1578,7 @@ def test_many_episodes_in_one_iteration_are_judged_by_their_mean():
     assert tracker.solved_at_step == 169
 
 
-# ==================================================================================================
-# Plot
-# ==================================================================================================
-
+# ==== Plot ========================================================================================
 
 def dashboard_rows(num_episodes: int = 49, num_iterations: int = 5):
     """Rows as RunLog writes them: one per episode and one per iteration."""
@@ -1697,10 +1652,7 @@ def test_dashboard_reads_csv_rows_as_written(tmp_path):
     assert "best.pt saved (2x)" in [line.get_label() for line in fig.axes[0].get_lines()]
 
 
-# ==================================================================================================
-# GIF
-# ==================================================================================================
-
+# ==== GIF =========================================================================================
 
 def test_gif_is_a_small_valid_animation_of_a_greedy_episode(tmp_path):
     net = small_net()
@@ -1713,10 +1665,7 @@ def test_gif_is_a_small_valid_animation_of_a_greedy_episode(tmp_path):
     assert 1 <= total <= 500
 
 
-# ==================================================================================================
-# Evaluation
-# ==================================================================================================
-
+# ==== Evaluation ==================================================================================
 
 def test_evaluate_counts_the_first_episode_of_each_env_once():
     net = small_net()
@@ -1735,10 +1684,7 @@ def test_evaluate_counts_the_first_episode_of_each_env_once():
     assert (returns < 20).all()
 
 
-# ==================================================================================================
-# Main
-# ==================================================================================================
-
+# ==== Main ========================================================================================
 
 def test_eval_flag_evaluates_and_writes_a_gif_without_training(tmp_path, capsys):
     ppo.save_checkpoint(tmp_path / "best.pt", small_net(), {"env_id": "CartPole-v1"})
@@ -1747,10 +1693,7 @@ def test_eval_flag_evaluates_and_writes_a_gif_without_training(tmp_path, capsys)
     assert (tmp_path / "eval_best.gif").exists() and not (tmp_path / "metrics.csv").exists()
 
 
-# ==================================================================================================
-# Learning (slow: make test-slow)
-# ==================================================================================================
-
+# ==== Learning (slow: make test-slow) =============================================================
 
 @pytest.mark.slow
 def test_defaults_solve_cartpole_and_best_pt_plays_475(tmp_path):
