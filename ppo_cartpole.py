@@ -1,13 +1,8 @@
 """PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
 
-One file in two parts. The algorithm, top to bottom in the order it runs:
-
-    config -> environments -> model -> rollout -> advantages (GAE) -> losses -> PPO update
-    -> the training loop
-
-and, after a banner, what is around it: settings (presets, flags, validation), CartPole in torch,
-checkpoints, the best policy, the run log, plot, GIF, evaluation and main. A reader who stops at
-the banner has read all of PPO.
+One file in two parts. First the algorithm, top to bottom in the order it runs: config ->
+environments -> model -> rollout -> advantages (GAE) -> losses -> PPO update -> the training loop.
+Then, after a banner, the machinery of a run. A reader who stops at the banner has read all of PPO.
 
 Every function takes what it needs as arguments and returns what it made, so any piece can be
 copied into another project: its docstring says which pieces travel with it and what to import
@@ -126,10 +121,7 @@ def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "
     backend "gymnasium": gymnasium.make_vec, "sync" (SyncVectorEnv) or "vector_entry_point" (the
     env's own vectorised implementation: CartPole's steps all envs in numpy at once), "auto" = the
     latter when the env has one. backend "torch": TorchCartPole on `device` (CartPole-v1 only).
-
-    Both use gymnasium >= 1.0's *next-step* autoreset: the step after an episode ends ignores the
-    action and returns the reset observation with reward 0. That step is not experience; the
-    collector marks it invalid (the trap CleanRL's users hit on gymnasium 1.x).
+    Both autoreset on the next step (see Collector).
     """
     if backend == "torch":
         return TorchCartPole(num_envs, device, **env_kwargs)
@@ -138,12 +130,8 @@ def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "
 
 
 class NumpyToTorch(gym.vector.VectorWrapper):
-    """A gymnasium vector env with torch tensors in and out: the one place where numpy meets torch.
-
-    Actions go to the host once per step and observations, rewards and flags come back; with
-    TorchCartPole no such copies exist. (gymnasium.wrappers.vector.NumpyToTorch does the same but
-    needs the array-api-compat package.)
-    """
+    """A gymnasium vector env with torch tensors in and out, the one place where numpy meets torch
+    (gymnasium.wrappers.vector.NumpyToTorch does the same but needs the array-api-compat package)."""
 
     def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
         super().__init__(envs)
@@ -220,10 +208,8 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Rollout:
-    """One rollout, stored [T, N] (time, env): GAE runs along time, per env.
-
-    The post's flat list interleaved the envs, so its GAE mixed them up. Copy with Collector.
-    """
+    """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list
+    interleaved the envs, so its GAE mixed them up). Copy with Collector."""
 
     obs: torch.Tensor  # [T, N, D]
     actions: torch.Tensor  # [T, N]
@@ -240,11 +226,13 @@ class Rollout:
 class Collector:
     """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
 
-    envs: torch tensors in and out (see make_envs), autoresetting on the next step (any other
-    mode is refused). The env state persists across rollouts: the post reset every env at the
-    start of every rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
-    Nothing in `collect` reads a tensor on the host, so on a GPU with TorchCartPole the rollout
-    never synchronises. The tensors are reused: a Rollout is valid until the next `collect`.
+    envs: torch tensors in and out (see make_envs), autoresetting on the *next* step: the step after
+    an episode ends ignores the action and returns the reset observation with reward 0; it is not
+    experience and is masked out (the trap CleanRL's users hit on gymnasium 1.x). Any other mode is
+    refused. The env state persists across rollouts: the post reset every env at the start of every
+    rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable. Nothing in
+    `collect` reads a tensor on the host, so on a GPU with TorchCartPole the rollout never waits.
+    The tensors are reused: a Rollout is valid until the next `collect`.
 
     Copy with Rollout, sample_actions and logprobs_of; imports: dataclasses.dataclass, torch,
     torch.nn.functional as F.
@@ -340,11 +328,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                            clip_eps: float) -> torch.Tensor:
-    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B].
-
-    The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0
-    at 1-eps, and those clipped samples contribute no gradient. Copy alone; imports: torch.
-    """
+    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B]. The
+    min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0 at 1-eps,
+    and those clipped samples contribute no gradient. Copy alone; imports: torch."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
@@ -365,11 +351,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(pi_old || pi) estimated as mean((r - 1) - log r), r = pi/pi_old, on samples from pi_old.
-
-    The "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020): unbiased, never
-    negative, lower variance than mean(-log r). CleanRL and SB3 log the same. Copy alone; imports: torch.
-    """
+    """KL(pi_old || pi) estimated as mean((r - 1) - log r), r = pi/pi_old, on samples from pi_old:
+    the "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020), unbiased, never negative,
+    lower variance than mean(-log r). CleanRL and SB3 log the same. Copy alone; imports: torch."""
     log_ratio = logprobs - old_logprobs
     return (torch.exp(log_ratio) - 1 - log_ratio).mean()
 
@@ -393,14 +377,13 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
                target_kl: float | None = None, normalize_advantages: bool = False,
                generator: torch.Generator | None = None) -> dict:
     """K epochs of shuffled minibatch SGD on the valid steps of one rollout, actor and critic
-    together through the shared trunk (paper, section 5, Algorithm 1).
+    together through the shared trunk (paper, section 5, Algorithm 1). advantages, returns: [T, N]
+    from compute_gae. value_clip_eps None = no value clip. target_kl: once a minibatch's approx KL
+    (before its step) exceeds it, that step is skipped and the rest of this update ends.
 
-    advantages, returns: [T, N] from compute_gae. value_clip_eps None = no value clip.
-    target_kl: once a minibatch's approx KL (before its step) exceeds it, that step is skipped and
-    the rest of this update ends. Returns the means over the minibatches run of the losses,
-    entropy, approx KL and clip fraction; the explained variance of V_old; epochs completed and
-    minibatches run; and `nonfinite`: which of "loss", "gradient norm", "parameters" went NaN or
-    infinite in this update (empty when all is well: a diverging run is stopped on it).
+    Returns the means over the minibatches run of the losses, entropy, approx KL and clip fraction;
+    the explained variance of V_old; epochs completed and minibatches run; and `nonfinite`: which of
+    "loss", "gradient norm", "parameters" went NaN or infinite (empty when all is well).
     """
     valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
     b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
@@ -408,8 +391,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
         x.flatten()[valid_idx] for x in
         (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
     # Off by default: once solved, the advantages are ~30x smaller and mostly noise, and scaling them
-    # back to std 1 makes every later update full-size (README, "The long run"). When on (the post,
-    # CleanRL, SB3), normalised once over the whole batch, not per minibatch: one scale for all.
+    # back to std 1 makes every later update full-size (docs/long-run.md). When on (the post, CleanRL,
+    # SB3), normalised once over the whole batch, not per minibatch: one scale for all.
     if normalize_advantages:
         b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
@@ -468,12 +451,8 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.T
 
 def train(config: Config) -> dict:
     """Train PPO as configured, write the run folder, return the summary (also summary.json).
-
-    Ctrl-C (or SIGTERM, where main turns it into the same KeyboardInterrupt) ends the loop early;
-    the metrics, final.pt, the plot and the summary are still written and the summary says
-    "interrupted": true. A NaN or infinite loss, gradient norm or parameter ends it too
-    ("diverged": true), and best.pt keeps the last finite policy.
-    """
+    Ctrl-C (or SIGTERM, which main turns into the same KeyboardInterrupt) ends the loop early, and so
+    does a NaN or infinite loss, gradient norm or parameter; the files are written all the same."""
     config = resolve(config)
     device = torch.device(config.device)
     torch.set_num_threads(config.threads)
@@ -520,9 +499,8 @@ def train(config: Config) -> dict:
 
 
 # ##################################################################################################
-#   PPO ends above. What follows is the machinery of a run: settings (the backends' sizes, the post's
-#   settings, flags and their checks), CartPole in torch, checkpoints, the choice of best.pt, the run
-#   log, plot, GIF, evaluation and main.
+#   PPO ends above. What follows is the machinery of a run: settings, CartPole in torch,
+#   checkpoints, the choice of best.pt, the run log, plot, GIF, evaluation and main.
 # ##################################################################################################
 
 
@@ -605,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a resolved, validated Config, its run folder made. A bad value exits with status 2
-    and one `error:` line (after argparse's usage line) naming the flag and what it allows."""
+    """argv -> a resolved, checked Config, its run folder made. A bad value exits with status 2 and
+    one `error:` line (after argparse's usage line) naming the flag and what it allows."""
     parser = build_parser()
     config = Config(**vars(parser.parse_args(argv)))
 
@@ -618,17 +596,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
             "auto or cpu: CUDA is not available on this machine")
     obs_dim = check_env(config, require) if config.eval is None else 4  # before resolve, which reads the env's spec
     config = resolve(config)
-    check_config(config, require)
-    check_memory(config, obs_dim, require)
+    check_config(config, obs_dim, require)
     if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
         probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
-        try:  # proof that the folder can be made and written to: do it
+        try:  # the proof that the run folder can be made and written to: do it
             probe.parent.mkdir(parents=True, exist_ok=True)
             probe.touch()
             probe.unlink()
         except OSError as exc:
-            require(False, "--out-dir", f"a folder that can be created and written to ({config.out_dir}: "
-                    f"{exc.strerror or exc})")
+            require(False, "--out-dir", f"a folder that can be made and written to ({probe.parent}: {exc.strerror})")
     return config
 
 
@@ -659,9 +635,13 @@ def in_interval(value: float, interval: str) -> bool:
     return above and (value < high if interval[-1] == ")" else value <= high)
 
 
-def check_config(c: Config, require) -> None:
-    """Every value of a resolved Config in its range (nan and inf never train), and a run folder
-    without an earlier run in it."""
+def check_config(c: Config, obs_dim: int, require) -> None:
+    """Every value of a resolved Config in its range (nan and inf never train), a run folder without
+    an earlier run, and tensors that fit in memory: per rollout step, the observation twice (the
+    collector's and the update's copy), 17 floats (the collector's 8, GAE's 2, the update's 4
+    copies, the log's host copy of 3) and 4 int64 (the action and its copy, the update's index and
+    permutation); per minibatch sample, the activations autograd keeps (the 64-wide trunk, with
+    gradients). The envs and greedy episodes are bounded by the ranges of their flags."""
     for field in dataclasses.fields(Config):
         value, allowed = getattr(c, field.name), field.metadata.get("allowed")
         flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])
@@ -681,8 +661,15 @@ def check_config(c: Config, require) -> None:
     cores = os.cpu_count() or 1
     require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
     if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
-        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv") if (Path(c.out_dir) / name).exists()]
+        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv")
+                 if (Path(c.out_dir) / name).exists()]
         require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
+    needed = {"--buffer-size": c.buffer_size * (2 * 4 * obs_dim + 17 * 4 + 4 * 8),
+              "--minibatch-size": c.minibatch_size * 64 * 4 * 12}
+    available = available_memory(c.device)
+    require(sum(needed.values()) <= 0.8 * available, max(needed, key=needed.get),
+            f"smaller: --num-envs {c.num_envs} x --buffer-size {c.buffer_size} x --minibatch-size {c.minibatch_size} "
+            f"need ~{sum(needed.values()) / 2**30:.1f} GiB, {c.device} has {available / 2**30:.1f} GiB available")
 
 
 def available_memory(device: str) -> int:
@@ -692,22 +679,6 @@ def available_memory(device: str) -> int:
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     line = next((line for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
     return int(line.split()[1]) * 1024 if line else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_memory(c: Config, obs_dim: int, require) -> None:
-    """Refuse a run whose tensors would not fit, before it starts (and thrashes or crashes). Per
-    step of a rollout: the observation twice (the collector's and the update's copy), 17 floats
-    (the collector's 8, GAE's 2, the update's 4 copies, the log's host copy of 3) and 4 int64 (the
-    action and its copy, the update's index and permutation). Per minibatch sample: the activations
-    autograd keeps (the 64-wide trunk, with gradients). The envs and greedy episodes are bounded by
-    the ranges of --num-envs, --eval-episodes and --confirm-episodes."""
-    per_step = 2 * 4 * obs_dim + 17 * 4 + 4 * 8
-    needed = {"--buffer-size": c.buffer_size * per_step, "--minibatch-size": c.minibatch_size * 64 * 4 * 12}
-    available = available_memory(c.device)
-    require(sum(needed.values()) <= 0.8 * available, max(needed, key=needed.get),
-            f"smaller: --num-envs {c.num_envs} x --buffer-size {c.buffer_size} x --minibatch-size "
-            f"{c.minibatch_size} need ~{sum(needed.values()) / 2**30:.1f} GiB, {c.device} has "
-            f"{available / 2**30:.1f} GiB available")
 
 
 # ==== CartPole in torch: thousands of envs on the device ==========================================
@@ -936,7 +907,7 @@ def versions() -> dict:
 
 class RunLog:
     """What a run records around the algorithm: episodes.csv and metrics.csv (a row per episode and
-    per iteration, flushed as written), the returns, best.pt, the progress bar's numbers and the
+    per iteration, appended as they come), the returns, best.pt, the progress bar's numbers and the
     time spent collecting and updating; at the end final.pt, the evaluation, summary.json, the plot
     and the GIF. config: a resolved Config (see `resolve`).
     """
@@ -949,17 +920,14 @@ class RunLog:
         self.best = BestPolicy(self.out_dir / "best.pt", config.env_id, config.confirm_episodes,
                                config.seed + CONFIRM_SEED_OFFSET, self.config_dict)
         self.seconds = {"collect": 0.0, "update": 0.0}
-        self.rows: dict[str, list[dict]] = {"episodes": [], "metrics": []}
-        self.files = {name: open(self.out_dir / f"{name}.csv", "w", newline="") for name in self.rows}
-        self.writers = {name: csv.DictWriter(self.files[name], fields)
-                        for name, fields in (("episodes", EPISODE_FIELDS), ("metrics", METRIC_FIELDS))}
-        for writer in self.writers.values():
-            writer.writeheader()
-        self.env_steps = 0
+        self.fields = {"episodes": EPISODE_FIELDS, "metrics": METRIC_FIELDS}
+        self.rows: dict[str, list[dict]] = {name: [] for name in self.fields}  # as in episodes.csv and metrics.csv
+        for name, fields in self.fields.items():
+            (self.out_dir / f"{name}.csv").write_bytes(",".join(fields).encode() + b"\r\n")  # as csv writes rows
+        self.env_steps, self.progress = 0, {}  # progress: the progress bar's numbers
         self.interrupted: str | None = None  # the signal that ended the run early, if one did
         self.diverged: str | None = None  # what went non-finite, and when, if anything did
         self.solved_at_seconds = self.solved_at_iteration = None
-        self.progress: dict = {}  # for the progress bar: steps, last return, EMA, last-100 mean, steps/s
         settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"
         print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
               f"{config.num_iterations} iterations of {config.buffer_size} steps -> {self.out_dir}", flush=True)
@@ -971,9 +939,11 @@ class RunLog:
         yield
         self.seconds[part] += time.perf_counter() - t0
 
-    def write(self, name: str, row: dict) -> None:
-        self.rows[name].append(row)
-        self.writers[name].writerow(row)
+    def write(self, name: str, rows: list[dict]) -> None:
+        """Keeps the rows and appends them to name.csv, which is whole after every iteration."""
+        self.rows[name] += rows
+        with open(self.out_dir / f"{name}.csv", "a", newline="") as f:
+            csv.DictWriter(f, self.fields[name]).writerows(rows)
 
     def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> None:
         """One iteration's episodes and metrics row, and best.pt's turn."""
@@ -982,10 +952,10 @@ class RunLog:
         seconds = round(now, 3)
         returns, lengths, end_steps = finished_episodes(rollout)
         end_steps += self.env_steps
-        for episode_return, length, end, (ema, mean100, success) in zip(
-                returns.tolist(), lengths.tolist(), end_steps.tolist(), tracker.add_iteration(returns, end_steps)):
-            self.write("episodes", {"env_step": end, "seconds": seconds, "return": episode_return, "length": length,
-                                    "ema_return": ema, "mean100_return": mean100, "success_rate": success})
+        after_each = tracker.add_iteration(returns, end_steps)  # (EMA, last-100 mean, success rate) after each
+        self.write("episodes", [dict(zip(EPISODE_FIELDS, (end, seconds, episode_return, length, *after)))
+                                for episode_return, length, end, after
+                                in zip(returns.tolist(), lengths.tolist(), end_steps.tolist(), after_each)])
         self.env_steps += config.buffer_size
         if tracker.solved_at_step is not None and self.solved_at_seconds is None:
             self.solved_at_seconds, self.solved_at_iteration = now, iteration
@@ -998,14 +968,12 @@ class RunLog:
             saved = best.consider(net, tracker.ema, always=tracker.solved_at_step is not None
                                   and config.confirm_episodes > 0 and best.confirmed < config.target_return)
         episodes = self.rows["episodes"]
-        self.write("metrics", dict(
+        self.write("metrics", [dict(
             iteration=iteration, env_steps=self.env_steps, seconds=seconds, **schedules,
             steps_per_second=round(self.env_steps / now), **{k: stats[k] for k in METRIC_FIELDS if k in stats},
             episodes=len(returns), last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
             mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-            best_confirmed_return=best.confirmed, best_saved=int(saved)))
-        for file in self.files.values():
-            file.flush()
+            best_confirmed_return=best.confirmed, best_saved=int(saved))])
         self.progress = dict(steps=self.env_steps, ret=self.rows["metrics"][-1]["last_return"],
                              ema=f"{tracker.ema or 0:.0f}", mean100=f"{tracker.mean_recent:.0f}",
                              sps=round(self.env_steps / now))
@@ -1020,8 +988,6 @@ class RunLog:
         summary.json, the plot and the GIF. Returns the summary. After a signal the greedy check
         and evaluation, which can take long, are skipped: the user asked to stop."""
         config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
-        for file in self.files.values():
-            file.close()
         if self.diverged is None:  # non-finite weights are neither final.pt nor a best.pt candidate
             save_checkpoint(out_dir / "final.pt", net, self.config_dict)
             if self.interrupted is None:
@@ -1220,11 +1186,9 @@ def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int =
 # ==== Evaluation ==================================================================================
 
 def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
-    """Greedy (argmax) returns of `episodes` episodes, one per env of a vector env, run together.
-
-    Returns [episodes] float64. Pass seeds apart from training's. The envs' next-step autoreset
-    starts a second episode in an env that finished early; `finished` masks it out.
-    """
+    """Greedy (argmax) returns [episodes] of `episodes` episodes, one per env of a vector env, run at
+    once; pass seeds apart from training's. Next-step autoreset starts a second episode in an env
+    that finished early: `finished` masks it out."""
     device = next(net.parameters()).device
     envs = gym.make_vec(env_id, num_envs=episodes)  # the env's native vector env when it has one
     obs, _ = envs.reset(seed=seed)
