@@ -27,7 +27,6 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 import typing
 from collections import deque
@@ -52,19 +51,16 @@ def option(default, help: str, **flag):
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run. Each field is a flag of the same name: `num_envs` <-> `--num-envs`.
-
-    A None is filled in by `resolve` for the run: the backend's sizes, the env's target return,
-    a fresh run folder. README, "Flags", has the post's value of each and why ours differs.
-    """
+    """Every setting of a run. Each field is a flag of the same name: `num_envs` <-> `--num-envs`. A
+    None is filled in by `resolve`: the backend's sizes, the env's target return, a fresh run folder.
+    README, "The post's values and ours", says why ours differ."""
 
     # Environments
     env_id: str = option("CartPole-v1", "gymnasium env id: Discrete actions, a flat Box observation")
-    env_backend: str = option("auto", "torch = TorchCartPole, CartPole-v1 stepped in torch on --device; "
-                              "auto = torch on CUDA for CartPole-v1, else gymnasium",
-                              choices=("auto", "gymnasium", "torch"))
-    vectorization_mode: str = option("auto", "vector_entry_point = the env's native vector env (CartPole "
-                                     "has one); sync = SyncVectorEnv; auto = the first if the env has one",
+    env_backend: str = option("auto", "torch = CartPole-v1 stepped in torch on --device; auto = torch on "
+                              "CUDA for CartPole-v1, else gymnasium", choices=("auto", "gymnasium", "torch"))
+    vectorization_mode: str = option("auto", "vector_entry_point = the env's native vector env; sync = "
+                                     "SyncVectorEnv; auto = the first if the env has one",
                                      choices=("auto", "sync", "vector_entry_point"))
     num_envs: int | None = option(None, "N parallel envs (default: 32; torch backend: 1024)", allowed="[1, 65536]")
     # Rollout and update
@@ -506,16 +502,12 @@ def train(config: Config) -> dict:
 
 # ==== Settings: backend sizes, resolve, flags, validation =========================================
 
-# The sizes a backend runs at unless given. With TorchCartPole on a GPU, thousands of envs cost
-# little more than eight, and 256-sample minibatches would mean hundreds of optimizer steps per
-# rollout (docs/torch-backend.md).
-BACKEND_SIZES = {
-    "gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
-    "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048},
-}
-
-# The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did
-# (with its defects fixed). README, "The post's values and ours", says what each of ours gained.
+# The sizes a backend runs at unless given. With TorchCartPole on a GPU, thousands of envs cost little
+# more than eight, and 256-sample minibatches would mean hundreds of steps per rollout (docs/torch-backend.md).
+BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
+                 "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
+# The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did,
+# with its defects fixed.
 POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
                  "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --normalize-advantages --entropy-coef 0.02 "
                  "--entropy-floor 0.001 --value-clip-eps 0.2 --max-grad-norm 0")
@@ -527,9 +519,7 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def default_out_dir(env_id: str, seed: int) -> str:
@@ -756,18 +746,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temp file in path's folder, then os.replace it onto path: a crash or
     Ctrl-C mid-write never leaves a partial file at path, and the temp file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one writer per file: this process
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -998,23 +985,19 @@ class RunLog:
         returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET) \
             if evaluated else None
         seconds, collect_seconds = time.perf_counter() - self.start, self.seconds["collect"]
-        summary = {
-            "solved_at_step": tracker.solved_at_step, "solved_at_seconds": self.solved_at_seconds,
-            "solved_at_iteration": self.solved_at_iteration,
-            "best_ema_return": best.best_ema if self.rows["episodes"] else None,
-            "best_confirmed_return": best.confirmed if math.isfinite(best.confirmed) else None,
-            "eval_return_mean": float(returns.mean()) if evaluated else None,
-            "eval_return_std": float(returns.std()) if evaluated else None,
-            "eval_episodes": config.eval_episodes if evaluated else 0,
-            "env_steps": self.env_steps, "iterations": len(self.rows["metrics"]), "episodes": len(self.rows["episodes"]),
-            "seconds": seconds, "steps_per_second": self.env_steps / seconds, "collect_seconds": collect_seconds,
-            "update_seconds": self.seconds["update"],
-            "collect_steps_per_second": self.env_steps / collect_seconds if collect_seconds else None,
-            "confirm_seconds": best.seconds, "interrupted": self.interrupted is not None, "signal": self.interrupted,
-            "diverged": self.diverged is not None, "divergence": self.diverged, "out_dir": str(out_dir),
-            "device": config.device, "torch_threads": torch.get_num_threads(), "versions": versions(),
-            "config": self.config_dict,
-        }
+        summary = dict(
+            solved_at_step=tracker.solved_at_step, solved_at_seconds=self.solved_at_seconds,
+            solved_at_iteration=self.solved_at_iteration, best_ema_return=best.best_ema if self.rows["episodes"] else None,
+            best_confirmed_return=best.confirmed if math.isfinite(best.confirmed) else None,
+            eval_return_mean=float(returns.mean()) if evaluated else None,
+            eval_return_std=float(returns.std()) if evaluated else None, eval_episodes=len(returns) if evaluated else 0,
+            env_steps=self.env_steps, iterations=len(self.rows["metrics"]), episodes=len(self.rows["episodes"]),
+            seconds=seconds, steps_per_second=self.env_steps / seconds, collect_seconds=collect_seconds,
+            update_seconds=self.seconds["update"], confirm_seconds=best.seconds,
+            collect_steps_per_second=self.env_steps / collect_seconds if collect_seconds else None,
+            interrupted=self.interrupted is not None, signal=self.interrupted, diverged=self.diverged is not None,
+            divergence=self.diverged, out_dir=str(out_dir), device=config.device, torch_threads=torch.get_num_threads(),
+            versions=versions(), config=self.config_dict)
         atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         if config.plot:
             plot_training(self.rows["episodes"], self.rows["metrics"], config.target_return, out_dir / "training.png",
@@ -1060,12 +1043,11 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
                   solved_at_step: int | None = None, kl_target: float | None = None):
     """The PNG dashboard of a run; returns the matplotlib Figure (no pyplot: no display needed).
 
-    episodes: rows of episodes.csv; metrics: rows of metrics.csv (numbers or their text). On top,
-    the returns (each episode, EMA, last-100 mean, target, success rate, each best.pt save): on the
-    left up to LEARNING_PHASE times the solve step, where the learning happens, on the right the
-    whole run. Below, a panel per entry of PANELS against env steps, each noisy one with a trend
-    line: the early stop's kl_target on the KL, explained variance clipped at EV_FLOOR (said when
-    it is), and the entropy coefficient on the learning rate's panel when it is ever above 0.
+    episodes, metrics: rows of episodes.csv and metrics.csv (numbers or their text). On top, the
+    returns (each episode, EMA, last-100 mean, target, success rate, best.pt's saves): on the left
+    up to LEARNING_PHASE times the solve step, where the learning happens, on the right the whole
+    run. Below, a panel per entry of PANELS against env steps, a noisy one with its trend line;
+    kl_target is drawn on the KL, and the entropy coefficient beside the lr when it is ever > 0.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -1074,35 +1056,32 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     fig = Figure(figsize=(12, 14), layout="constrained")
     grid = fig.add_gridspec(5, 2, height_ratios=(2.2, 1, 1, 1, 1))
     ax_whole = fig.add_subplot(grid[0, 1])
-    axes = [fig.add_subplot(grid[0, 0])] + [ax_whole] + [
+    axes = [fig.add_subplot(grid[0, 0]), ax_whole] + [
         fig.add_subplot(grid[row, column], sharex=ax_whole) for row in range(1, 5) for column in range(2)]
     last_step = float(metrics[-1]["env_steps"]) if metrics else 0.0
     learning_end = min(LEARNING_PHASE * solved_at_step, last_step) if solved_at_step else last_step
     stride = max(1, math.ceil(len(episodes) / PLOT_MAX_POINTS))
     saves = [float(row["env_steps"]) for row in metrics if float(row.get("best_saved") or 0)]
-    for ax, end in zip(axes[:2], (learning_end, last_step)):
-        shown = [row for row in episodes if float(row["env_step"]) <= end][::stride]
-        if shown:
-            steps = col(shown, "env_step")
-            ax.plot(steps, col(shown, "return"), ".", ms=2, alpha=0.3, color="tab:blue",
-                    label="episode return" + (f" (every {stride}th)" if stride > 1 else ""))
-            ax.plot(steps, col(shown, "ema_return"), color="tab:orange", label="EMA")
-            ax.plot(steps, col(shown, "mean100_return"), color="tab:red", label="mean of last 100")
-            ax_success = ax.twinx()
-            ax_success.plot(steps, col(shown, "success_rate"), color="tab:green", alpha=0.6, lw=1,
-                            label=f"success rate (share of last 100 >= {target_return:g})")
-            ax_success.set(ylim=(0, 1.05), ylabel="success rate")
-            ax_success.legend(loc="lower right", fontsize=8)
+    for ax, end in zip(axes, (learning_end, last_step)):
+        shown = [row for row in episodes[::stride] if float(row["env_step"]) <= end]
+        steps = col(shown, "env_step")
+        ax.plot(steps, col(shown, "return"), ".", ms=2, alpha=0.3, color="tab:blue",
+                label="episode return" + (f" (every {stride}th)" if stride > 1 else ""))
+        ax.plot(steps, col(shown, "ema_return"), color="tab:orange", label="EMA")
+        ax.plot(steps, col(shown, "mean100_return"), color="tab:red", label="mean of last 100")
         ax.axhline(target_return, color="black", ls="--", lw=1, label=f"target {target_return:g}")
         shown_saves = [step for step in saves if step <= end]
-        if shown_saves:
-            ax.plot(shown_saves, np.full(len(shown_saves), 0.985), "v", color="black", ms=6,
-                    transform=ax.get_xaxis_transform(), label=f"best.pt saved ({len(shown_saves)}x)")
+        ax.plot(shown_saves, np.full(len(shown_saves), 0.985), "v", color="black", ms=6,
+                transform=ax.get_xaxis_transform(), label=f"best.pt saved ({len(shown_saves)}x)")
         if solved_at_step is not None:
             ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5, label="solved")
-        ax.set_xlim(0, end or None)
-        ax.set_ylabel("return")
+        ax.set(xlim=(0, end or None), ylabel="return")
         ax.legend(loc="center right", fontsize=8)
+        ax_success = ax.twinx()
+        ax_success.plot(steps, col(shown, "success_rate"), color="tab:green", alpha=0.6, lw=1,
+                        label=f"success rate (share of last 100 >= {target_return:g})")
+        ax_success.set(ylim=(0, 1.05), ylabel="success rate")
+        ax_success.legend(loc="lower right", fontsize=8)
     solved = f"solved at {solved_at_step:,} env steps" if solved_at_step else "not solved"
     axes[0].set_title(f"PPO learning: the first {learning_end:,.0f} env steps ({solved})", loc="left", fontsize=10)
     ax_whole.set_title(f"the whole run: {last_step:,.0f} env steps", loc="left", fontsize=10)
@@ -1110,12 +1089,11 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
     steps = col(metrics, "env_steps")
     for ax, (key, title, color, log) in zip(axes[2:], PANELS):
-        values = col(metrics, key) if metrics else np.array([])
+        values = col(metrics, key)
+        if key == "explained_variance" and (values < EV_FLOOR).any():
+            ax.text(0.01, 0.04, f"clipped: {(values < EV_FLOOR).sum()} iteration(s) below {EV_FLOOR:g} (lowest "
+                    f"{np.nanmin(values):.3g})", transform=ax.transAxes, fontsize=8, bbox=dict(facecolor="white", lw=0))
         if key == "explained_variance":
-            below = values < EV_FLOOR
-            if below.any():
-                ax.text(0.01, 0.04, f"clipped: {below.sum()} iteration(s) below {EV_FLOOR:g} (lowest "
-                        f"{np.nanmin(values):.3g})", transform=ax.transAxes, fontsize=8, bbox=dict(facecolor="white", lw=0))
             values = np.maximum(values, EV_FLOOR)
             ax.set_ylim(EV_FLOOR - 0.05, 1.05)
         values[~np.isfinite(values)] = np.nan  # best.pt's score is -inf until a policy is saved
@@ -1125,21 +1103,18 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
             ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
         if key == "approx_kl" and kl_target is not None:
             ax.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
-        if key == "lr" and metrics and np.nanmax(col(metrics, "entropy_coef")) > 0:
-            ax_coef = ax.twinx()
-            ax_coef.plot(steps, col(metrics, "entropy_coef"), color="tab:olive")
-            ax_coef.set_ylabel("entropy coefficient", color="tab:olive")
-            title += ", entropy coefficient (right)"
-        if log:
-            ax.set_yscale("log")
+        if key == "lr" and np.nanmax(col(metrics, "entropy_coef"), initial=0) > 0:
+            ax.twinx().plot(steps, col(metrics, "entropy_coef"), color="tab:olive")
+            title += ", entropy coefficient (olive, right)"
+        if solved_at_step is not None:
+            ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
         ax.set_title(title, fontsize=10, loc="left")
+        ax.set_yscale("log" if log else "linear")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M, not 1500000
-        if solved_at_step is not None and ax not in axes[:2]:
-            ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
     for ax in axes[-2:]:
         ax.set_xlabel("env steps")
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
@@ -1151,9 +1126,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
 def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int = 2,
                scale: float = 0.5, max_steps: int = 500) -> int:
     """One greedy episode rendered to an animated GIF with Pillow; returns the episode's return.
-
-    Every `frame_skip`-th frame, downscaled by `scale`, keeps the file small and quick to write.
-    """
+    Every `frame_skip`-th frame, downscaled by `scale`, keeps the file small and quick to write."""
     from PIL import Image
 
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders offscreen, no display needed
@@ -1214,11 +1187,10 @@ def run_eval(config: Config) -> None:
     env_id = checkpoint_config.get("env_id") if isinstance(checkpoint_config, dict) else None
     try:
         env = gym.make(env_id)
-        fits = env.observation_space.shape == (net.obs_dim,) and getattr(env.action_space, "n", None) == net.act_dim
         env.close()
     except Exception:
-        fits = False
-    if not fits:
+        env = None
+    if env is None or env.observation_space.shape != (net.obs_dim,) or getattr(env.action_space, "n", 0) != net.act_dim:
         raise CheckpointError(f"{config.eval}: its env {env_id!r} cannot be made or does not fit its network")
     returns = evaluate(net, env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     print(f"{config.eval}: {env_id}, greedy return over {config.eval_episodes} episodes: "
