@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -527,6 +528,15 @@ def default_out_dir(env_id: str, seed: int) -> str:
     return f"runs/{env_id}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """gym.spec of any id gym.make takes, "my_module:MyEnv-v0" too: gym.make imports my_module
+    first (where MyEnv-v0 is registered), gym.spec doesn't."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    return gym.spec(name)
+
+
 def resolve(config: Config) -> Config:
     """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
     the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
@@ -545,7 +555,7 @@ def resolve(config: Config) -> Config:
         return resolved
     target_return = config.target_return
     if target_return is None:
-        target_return = gym.spec(config.env_id).reward_threshold
+        target_return = env_spec(config.env_id).reward_threshold
     return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return),
                                out_dir=config.out_dir or default_out_dir(config.env_id, config.seed))
 
@@ -601,7 +611,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def check_env(config: Config, require) -> int:
     """Make the env once to check what PPO here relies on; returns its observation size D."""
     try:
-        spec = gym.spec(config.env_id)
+        spec = env_spec(config.env_id)
         env = gym.make(config.env_id)
     except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
         require(False, "--env-id", f"an env gymnasium can make: {config.env_id!r}: {exc}")

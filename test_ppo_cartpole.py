@@ -1143,6 +1143,38 @@ def test_torch_backend_misuse_is_a_clean_error(argv, flag, capsys):
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
+class Corridor(gym.Env):
+    """One's own env: walk right along 4 cells to the exit (reward 1); observation (position, 1)."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.position = 0
+        return np.array([0.0, 1.0], np.float32), {}
+
+    def step(self, action):
+        self.position = max(0, self.position + (1 if action == 1 else -1))
+        done = self.position == 3
+        return np.array([self.position / 3, 1.0], np.float32), float(done), done, False, {}
+
+
+def test_ones_own_env_trains_by_module_and_id_as_gym_make_takes_it(tmp_path, monkeypatch):
+    # my_envs registers Corridor-v0 when imported: gym.make("my_envs:Corridor-v0") imports it, gym.spec does not
+    (tmp_path / "my_envs.py").write_text(f"import gymnasium as gym\ngym.register('Corridor-v0', entry_point="
+                                         f"'{__name__}:Corridor', max_episode_steps=20, reward_threshold=0.9)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(gym.registry, "Corridor-v0", raising=False)
+    config = ppo.parse_args(QUICK + ["--env-id", "my_envs:Corridor-v0", "--episodes", "3", "--no-gif",
+                                     "--no-plot", "--out-dir", str(tmp_path / "run")])
+    assert config.target_return == 0.9  # the env's own reward_threshold, read through its spec
+    summary = ppo.train(config)
+    assert summary["iterations"] == 3 and summary["episodes"] > 0 and summary["config"]["env_id"] == "my_envs:Corridor-v0"
+    net, _ = ppo.load_agent(tmp_path / "run" / "final.pt")
+    assert (net.obs_dim, net.act_dim) == (2, 2)
+
+
 def test_env_without_reward_threshold_needs_target_return(capsys):
     gym.register("NoThresholdCartPole-v0", entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
                  max_episode_steps=50)
