@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train train-post test test-slow test-floors mutate bench long-run ablations clean
+.PHONY: install train train-post test test-slow test-floors mutate bench long-run ablations clip-figure clean
 
 install: $(STAMP)
 
@@ -49,6 +49,9 @@ long-run: $(STAMP)  ## the user's --episodes 2000 on seeds 1-10 (gymnasium) and 
 
 ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 20 variants x 5 seeds (~15 min)
 	$(PYTHON) bench/ablations.py
+
+clip-figure: $(STAMP)  ## assets/clip.png: L^CLIP of one sample against the ratio, eq. (7), drawn by the script's own loss
+	$(PYTHON) docs/clip_figure.py
 
 clean:
 	rm -rf runs .pytest_cache __pycache__ mutants .venv-floors

@@ -857,7 +857,7 @@ class ReturnTracker:
     """Streams true episode returns: their EMA, the last-`window` mean, the success rate, and
     "solved": the first episode at which the last-`window` mean reaches the target (CartPole-v1:
     475 over 100; the post's bar was 200, CartPole-v0's). When one iteration ends `window` or more
-    episodes, its episodes are judged together by their mean (docs/solved.md says why).
+    episodes, they are judged together by their mean: docs/torch-backend.md says why.
     """
 
     def __init__(self, ema_alpha: float, target_return: float, window: int = 100):

@@ -110,22 +110,61 @@ def test_readme_flag_table_and_help_name_the_same_flags(capsys):
     assert table_flags == help_flags
 
 
-@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
-def test_every_command_flag_and_file_a_readme_names_exists(readme):
-    """Both READMEs, the Chinese one included: each `make` target, each flag given to
-    ppo_cartpole.py, each bench script and picture they name is really there."""
+DOCUMENTS = ["README.md", "README.zh-CN.md", *sorted(str(p.relative_to(Path(__file__).parent))
+                                                  for p in (Path(__file__).parent / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_command_flag_and_file_a_document_names_exists(document):
+    """Both READMEs and every docs page: each `make` target, each flag given to ppo_cartpole.py,
+    each script and picture they name is really there."""
     root = Path(__file__).parent
-    text = (root / readme).read_text()
+    text = (root / document).read_text()
     targets = set(re.findall(r"^([a-z-]+):", (root / "Makefile").read_text(), re.MULTILINE))
     assert set(re.findall(r"make ([a-z][a-z-]*)", text)) <= targets
     flags = {option for action in ppo.build_parser()._actions for option in action.option_strings}
     for line in re.findall(r"ppo_cartpole\.py[^\n`|]*", text):
         named = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line))
         assert named <= flags, (line, named - flags)
-    for path in set(re.findall(r"((?:bench|assets)/[\w./-]+\.(?:py|png|gif))", text)):
-        assert (root / path).exists(), path
-    if readme != "README.md":
+    for path in set(re.findall(r"((?:bench|assets|docs)/[\w./-]+\.(?:py|png|gif|md))", text)):
+        assert (root / path).exists() or (root / Path(document).parent / path).exists(), path
+    if document == "README.zh-CN.md":
         assert "README.zh-CN.md" in (root / "README.md").read_text().split("\n## ")[0]  # linked from the top
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_relative_link_and_heading_anchor_a_document_names_exists(document):
+    root = Path(__file__).parent
+    text = (root / document).read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue  # no network in CI
+        path, _, anchor = link.partition("#")
+        target = (root / document).parent / path if path else root / document
+        assert target.exists(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", target.read_text(), flags=re.DOTALL),
+                                  re.MULTILINE)
+            assert anchor in {github_anchor(heading) for heading in headings}, link
+
+
+def test_the_two_readmes_tables_carry_the_same_numbers():
+    """The Chinese README has the English one's tables, translated: every number in them agrees."""
+    root = Path(__file__).parent
+
+    def table_numbers(text):
+        rows = [line for line in text.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
+        return [re.findall(r"\d+(?:[.,]\d+)*", re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)", "", row)) for row in rows]
+
+    english, chinese = (table_numbers((root / name).read_text()) for name in ("README.md", "README.zh-CN.md"))
+    assert len(english) > 40 and english == chinese
 
 
 # ==== Environments ================================================================================
@@ -209,6 +248,19 @@ def test_sampling_draws_only_from_the_generator_it_is_given():
 
 
 # ==== Rollout =====================================================================================
+
+def test_every_tensor_lands_on_the_device_it_is_given():
+    """torch's meta device stands in for a GPU on a CPU machine: a tensor made without its device
+    lands on the CPU, where every other test runs and so would never notice."""
+    meta = torch.device("meta")
+    envs = ppo.make_envs("CartPole-v1", 2, meta, vectorization_mode="sync")
+    collector = ppo.Collector(envs, 3, 0, meta)  # resets the envs
+    stepped = envs.step(torch.zeros(2, dtype=torch.long))
+    actions, logprobs = ppo.sample_actions(torch.zeros(5, 2, device=meta))
+    tensors = [*stepped[:4], actions, logprobs, *(v for v in vars(collector).values() if isinstance(v, torch.Tensor))]
+    assert len(tensors) == 6 + 14 and all(tensor.device == meta for tensor in tensors)
+    envs.close()
+
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rollout_is_stored_time_by_env(mode):
