@@ -1217,6 +1217,7 @@ def test_ones_own_env_trains_by_module_and_id_as_gym_make_takes_it(tmp_path, mon
     (tmp_path / "my_envs.py").write_text(f"import gymnasium as gym\ngym.register('Corridor-v0', entry_point="
                                          f"'{__name__}:Corridor', max_episode_steps=20, reward_threshold=0.9)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_envs", raising=False)  # imported afresh, as in a new process
     monkeypatch.delitem(gym.registry, "Corridor-v0", raising=False)
     config = ppo.parse_args(QUICK + ["--env-id", "my_envs:Corridor-v0", "--episodes", "3", "--no-gif",
                                      "--no-plot", "--out-dir", str(tmp_path / "run")])
