@@ -1800,3 +1800,16 @@ def test_torch_backend_on_the_cpu_solves_gymnasiums_cartpole(tmp_path):
     assert summary["solved_at_step"] is not None and summary["config"]["env_backend"] == "torch"
     net, _ = ppo.load_agent(out / "best.pt")
     assert ppo.evaluate(net, "CartPole-v1", 20, seed=12345).mean() >= 475  # gymnasium's own env
+
+
+@pytest.mark.slow
+def test_the_defaults_reach_a_second_envs_threshold_and_best_pt_plays_it(tmp_path):
+    """Acrobot-v1: no native vector env, a negative reward threshold (-100), 3 actions, 6 inputs."""
+    out = tmp_path / "run"
+    assert ppo.main(["--env-id", "Acrobot-v1", "--seed", "2", "--stop-when-solved", "--episodes", "300", "--no-gif",
+                     "--no-plot", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None and summary["config"]["target_return"] == -100
+    net, _ = ppo.load_agent(out / "best.pt")
+    assert (net.obs_dim, net.act_dim) == (6, 3)
+    assert ppo.evaluate(net, "Acrobot-v1", 20, seed=12345).mean() >= -100
