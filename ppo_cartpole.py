@@ -599,12 +599,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     check_config(config, obs_dim, require)
     if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
         probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
+        made = [folder for folder in probe.parents if not folder.exists()]  # deepest first
         try:  # the proof that the run folder can be made and written to: do it
             probe.parent.mkdir(parents=True, exist_ok=True)
             probe.touch()
             probe.unlink()
         except OSError as exc:
-            require(False, "--out-dir", f"a folder that can be made and written to ({probe.parent}: {exc.strerror})")
+            for folder in made:  # a refused run leaves nothing behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            require(False, "--out-dir", f"a folder that can be made and written to ({probe.parent}: "
+                    f"{exc.strerror or exc})")
     return config
 
 
@@ -676,8 +681,11 @@ def available_memory(device: str) -> int:
     """Free bytes: the GPU's on cuda; else MemAvailable from /proc/meminfo, or all physical memory."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-    line = next((line for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:  # no /proc (macOS), or not readable
+        lines = []
+    line = next((line for line in lines if line.startswith("MemAvailable:")), None)
     return int(line.split()[1]) * 1024 if line else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -780,8 +788,9 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # missing, a folder, corrupt, or pickled code that weights_only refuses
-        reason = getattr(exc, "strerror", None) or f"not a readable checkpoint ({type(exc).__name__})"
-        raise CheckpointError(f"{path}: {reason.lower()}") from None
+        reason = getattr(exc, "strerror", None)
+        raise CheckpointError(f"{path}: {reason.lower() if reason else 'not a readable checkpoint'} "
+                              f"({type(exc).__name__})") from None
     if not (isinstance(checkpoint, dict) and {"state_dict", "model", "config"} <= checkpoint.keys()):
         raise CheckpointError(f"{path}: not a checkpoint of ppo_cartpole.py (keys missing)")
     try:
@@ -1003,9 +1012,10 @@ class RunLog:
             eval_return_std=float(returns.std()) if evaluated else None, eval_episodes=len(returns) if evaluated else 0,
             env_steps=self.env_steps, iterations=len(self.rows["metrics"]), episodes=len(self.rows["episodes"]),
             seconds=seconds, steps_per_second=self.env_steps / seconds, collect_seconds=collect_seconds,
-            update_seconds=self.seconds["update"], confirm_seconds=best.seconds,
+            update_seconds=self.seconds["update"],
             collect_steps_per_second=self.env_steps / collect_seconds if collect_seconds else None,
-            interrupted=self.interrupted is not None, signal=self.interrupted, diverged=self.diverged is not None,
+            confirm_seconds=best.seconds, interrupted=self.interrupted is not None, signal=self.interrupted,
+            diverged=self.diverged is not None,
             divergence=self.diverged, out_dir=str(out_dir), device=config.device, torch_threads=torch.get_num_threads(),
             versions=versions(), config=self.config_dict)
         atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
@@ -1034,7 +1044,7 @@ PANELS = [("policy_loss", "policy loss (L^CLIP)", "tab:blue", False),
           ("approx_kl", "approx KL(pi_old || pi) (log)", "tab:orange", True),
           ("clip_fraction", "clip fraction", "tab:green", False),
           ("explained_variance", "explained variance of V_old", "tab:gray", False),
-          ("best_confirmed_return", "best.pt: greedy return of the saved policy", "black", False),
+          ("best_confirmed_return", "best.pt's score: greedy return (its EMA if --confirm-episodes 0)", "black", False),
           ("lr", "learning rate (log)", "tab:brown", True)]
 
 

@@ -1308,11 +1308,13 @@ def test_memory_refusal_states_the_estimate(capsys, monkeypatch):
 
 def test_an_out_dir_that_cannot_be_created_is_refused_and_nothing_is_left(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
-    for out_dir in (tmp_path / "file" / "a" / "b", Path("/proc/ppo-cartpole-test/run")):
+    too_long = tmp_path / "made" / "sub" / ("x" * 300)  # its parents can be made, the name cannot
+    for out_dir in (tmp_path / "file" / "a" / "b", Path("/proc/ppo-cartpole-test/run"), too_long):
         with pytest.raises(SystemExit) as exit_info:
             ppo.parse_args(["--out-dir", str(out_dir)])
         assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
         assert not out_dir.exists()
+    assert not (tmp_path / "made").exists()  # the folders made on the way are removed again
 
 
 def check_consistent(config):
