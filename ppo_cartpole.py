@@ -929,7 +929,8 @@ class RunLog:
         self.fields = {"episodes": EPISODE_FIELDS, "metrics": METRIC_FIELDS}
         self.rows: dict[str, list[dict]] = {name: [] for name in self.fields}  # as in episodes.csv and metrics.csv
         for name, fields in self.fields.items():
-            (self.out_dir / f"{name}.csv").write_bytes(",".join(fields).encode() + b"\r\n")  # as csv writes rows
+            with open(self.out_dir / f"{name}.csv", "w", newline="") as f:
+                csv.DictWriter(f, fields).writeheader()
         self.env_steps, self.progress = 0, {}  # progress: the progress bar's numbers
         self.interrupted: str | None = None  # the signal that ended the run early, if one did
         self.diverged: str | None = None  # what went non-finite, and when, if anything did
@@ -974,15 +975,15 @@ class RunLog:
             saved = best.consider(net, tracker.ema, always=tracker.solved_at_step is not None
                                   and config.confirm_episodes > 0 and best.confirmed < config.target_return)
         episodes = self.rows["episodes"]
-        self.write("metrics", [dict(
+        row = dict(
             iteration=iteration, env_steps=self.env_steps, seconds=seconds, **schedules,
             steps_per_second=round(self.env_steps / now), **{k: stats[k] for k in METRIC_FIELDS if k in stats},
             episodes=len(returns), last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
             mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-            best_confirmed_return=best.confirmed, best_saved=int(saved))])
-        self.progress = dict(steps=self.env_steps, ret=self.rows["metrics"][-1]["last_return"],
-                             ema=f"{tracker.ema or 0:.0f}", mean100=f"{tracker.mean_recent:.0f}",
-                             sps=round(self.env_steps / now))
+            best_confirmed_return=best.confirmed, best_saved=int(saved))
+        self.write("metrics", [row])
+        self.progress = dict(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
+                             mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"])
 
     def solved_and_confirmed(self) -> bool:
         """Solved, and a saved best.pt has played the target greedily (or nothing is confirmed)."""
