@@ -1108,13 +1108,15 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     ax_whole.set_title(f"the whole run: {last_step:,.0f} env steps", loc="left", fontsize=10)
 
     window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
-    steps = col(metrics, "env_steps")
+    steps, entropy_coef = col(metrics, "env_steps"), col(metrics, "entropy_coef")
     for ax, (key, title, color, log) in zip(axes[2:], PANELS):
         values = col(metrics, key)
-        if key == "explained_variance" and (values < EV_FLOOR).any():
-            ax.text(0.01, 0.04, f"clipped: {(values < EV_FLOOR).sum()} iteration(s) below {EV_FLOOR:g} (lowest "
-                    f"{np.nanmin(values):.3g})", transform=ax.transAxes, fontsize=8, bbox=dict(facecolor="white", lw=0))
         if key == "explained_variance":
+            below = values < EV_FLOOR
+            if below.any():
+                ax.text(0.01, 0.04, f"clipped: {below.sum()} iteration(s) below {EV_FLOOR:g} (lowest "
+                        f"{np.nanmin(values):.3g})", transform=ax.transAxes, fontsize=8,
+                        bbox=dict(facecolor="white", lw=0))
             values = np.maximum(values, EV_FLOOR)
             ax.set_ylim(EV_FLOOR - 0.05, 1.05)
         values[~np.isfinite(values)] = np.nan  # best.pt's score is -inf until a policy is saved
@@ -1124,8 +1126,8 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
             ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
         if key == "approx_kl" and kl_target is not None:
             ax.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
-        if key == "lr" and np.nanmax(col(metrics, "entropy_coef"), initial=0) > 0:
-            ax.twinx().plot(steps, col(metrics, "entropy_coef"), color="tab:olive")
+        if key == "lr" and np.nanmax(entropy_coef, initial=0) > 0:
+            ax.twinx().plot(steps, entropy_coef, color="tab:olive")
             title += ", entropy coefficient (olive, right)"
         if solved_at_step is not None:
             ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
