@@ -134,14 +134,17 @@ class NumpyToTorch(gym.vector.VectorWrapper):
         super().__init__(envs)
         self.device = device
 
+    def _tensor(self, array, dtype=None) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=dtype, device=self.device)
+
     def reset(self, seed: int | None = None):
         obs, info = self.env.reset(seed=seed)
-        return torch.as_tensor(obs, dtype=torch.float32, device=self.device), info
+        return self._tensor(obs, torch.float32), info
 
     def step(self, actions: torch.Tensor):
         obs, rewards, terminated, truncated, info = self.env.step(actions.cpu().numpy())
-        tensor = lambda x, dtype=None: torch.as_tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        return tensor(obs, torch.float32), tensor(rewards, torch.float32), tensor(terminated), tensor(truncated), info
+        return (self._tensor(obs, torch.float32), self._tensor(rewards, torch.float32),
+                self._tensor(terminated), self._tensor(truncated), info)
 
 
 # ==== Model =======================================================================================
@@ -1210,10 +1213,11 @@ def run_eval(config: Config) -> None:
     env_id = checkpoint_config.get("env_id") if isinstance(checkpoint_config, dict) else None
     try:
         env = gym.make(env_id)
+        fits = env.observation_space.shape == (net.obs_dim,) and getattr(env.action_space, "n", None) == net.act_dim
         env.close()
     except Exception:
-        env = None
-    if env is None or env.observation_space.shape != (net.obs_dim,) or getattr(env.action_space, "n", 0) != net.act_dim:
+        fits = False
+    if not fits:
         raise CheckpointError(f"{config.eval}: its env {env_id!r} cannot be made or does not fit its network")
     returns = evaluate(net, env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     print(f"{config.eval}: {env_id}, greedy return over {config.eval_episodes} episodes: "
