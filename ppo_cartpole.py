@@ -54,7 +54,7 @@ def option(default, help: str, **flag):
 class Config:
     """Every setting of a run. Each field is a flag of the same name: `num_envs` <-> `--num-envs`. A
     None is filled in by `resolve`: the backend's sizes, the env's target return, a fresh run folder.
-    README, "The post's values and ours", says why ours differ."""
+    README, "Flags: the post's values and ours", says why ours differ."""
 
     # Environments
     env_id: str = option("CartPole-v1", "gymnasium env id: Discrete actions, a flat Box observation")
@@ -361,12 +361,12 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
 # ==== PPO update ==================================================================================
 
 def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
-    """Linear decay from lr towards 0 when annealing, else constant."""
+    """Linear decay from lr towards 0 when annealing, else constant. Copy alone."""
     return lr * (1 - iteration / num_iterations) if anneal else lr
 
 
 def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
-    """The post's annealing: explore early, exploit late."""
+    """The post's annealing: explore early, exploit late. Copy alone."""
     return max(floor, initial * (1 - iteration / num_iterations))
 
 
@@ -384,6 +384,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     Returns the means over the minibatches run of the losses, entropy, approx KL and clip fraction;
     the explained variance of V_old; epochs completed and minibatches run; and `nonfinite`: which of
     "loss", "gradient norm", "parameters" went NaN or infinite (empty when all is well).
+
+    Copy with Rollout, logprobs_of, entropy_of, the three losses and explained_variance; imports:
+    math, torch, torch.nn as nn, torch.nn.functional as F.
     """
     valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
     b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
@@ -393,10 +396,10 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     # Off by default: once solved, the advantages are ~30x smaller and mostly noise, and scaling them
     # back to std 1 makes every later update full-size (docs/long-run.md). When on (the post, CleanRL,
     # SB3), normalised once over the whole batch, not per minibatch: one scale for all.
-    if normalize_advantages:
+    batch_size = len(valid_idx)
+    if normalize_advantages and batch_size > 1:  # (one sample has no spread to scale by)
         b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
-    batch_size = len(valid_idx)
     num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
     logged = []  # per minibatch: policy loss, value loss, entropy, approx KL, clip fraction, loss, gradient norm
     minibatches = epochs = 0
@@ -442,7 +445,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - Var(target - predicted) / Var(target), a 0-dim tensor (no read from the device):
-    1 = perfect critic, <= 0 = no better than a constant, NaN for a constant target."""
+    1 = perfect critic, <= 0 = no better than a constant, NaN for a constant target. Copy alone;
+    imports: math, torch."""
     var_target = target.var()
     return torch.where(var_target == 0, math.nan, 1 - (target - predicted).var() / var_target)
 
@@ -460,7 +464,7 @@ def train(config: Config) -> dict:
     generator = torch.Generator(device=device).manual_seed(config.seed)
     envs = make_envs(config.env_id, config.num_envs, device, config.env_backend, config.vectorization_mode)
     net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)  # eps 1e-8, torch's default (CleanRL: 1e-5)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
     log = RunLog(config)
     bar = tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
@@ -662,8 +666,9 @@ def check_config(c: Config, obs_dim: int, require) -> None:
                 f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
         require(c.vectorization_mode == "auto", "--vectorization-mode",
                 "left out with --env-backend torch, which steps its own vectorised CartPole")
-    require(c.buffer_size > 0 and c.buffer_size % c.num_envs == 0, "--buffer-size",
-            f"a positive multiple of --num-envs ({c.num_envs}), got {c.buffer_size}")
+    # T >= 2: a rollout of T = 1 can be all autoreset steps, which leaves nothing to learn from
+    require(c.buffer_size >= 2 * c.num_envs and c.buffer_size % c.num_envs == 0, "--buffer-size",
+            f"a multiple of --num-envs ({c.num_envs}), 2 steps per env or more, got {c.buffer_size}")
     require(0 < c.minibatch_size <= c.buffer_size, "--minibatch-size",
             f"in [1, --buffer-size ({c.buffer_size})], got {c.minibatch_size}")
     cores = os.cpu_count() or 1
@@ -950,10 +955,10 @@ class RunLog:
         self.seconds[part] += time.perf_counter() - t0
 
     def write(self, name: str, rows: list[dict]) -> None:
-        """Keeps the rows and appends them to name.csv, which is whole after every iteration."""
-        self.rows[name] += rows
+        """Appends the rows to name.csv, which is whole after every iteration, and keeps them."""
         with open(self.out_dir / f"{name}.csv", "a", newline="") as f:
             csv.DictWriter(f, self.fields[name]).writerows(rows)
+        self.rows[name] += rows
 
     def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> None:
         """One iteration's episodes and metrics row, and best.pt's turn."""
@@ -1240,8 +1245,8 @@ def raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 diverged, 2 a user error (bad flag, bad checkpoint), 130 Ctrl-C,
-    143 SIGTERM. A second signal during the clean-up stops it; every file is written atomically,
-    so none is left half-written."""
+    143 SIGTERM. A second signal during the clean-up stops it; the checkpoints, summary.json, plot
+    and GIF are written atomically and the CSVs an iteration at a time, so none is left half-written."""
     config = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
@@ -1255,7 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STATUS["user error"]
     except KeyboardInterrupt as exc:
         name = exc.args[0] if exc.args else "SIGINT"
-        print(f"\n{name} again: clean-up stopped; the files written so far are whole", file=sys.stderr)
+        print(f"\n{name}: stopped; the files written so far are whole", file=sys.stderr)
         return EXIT_STATUS[name]
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -689,6 +689,26 @@ def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical(
     assert logged == pytest.approx((policy_loss.item(), value_loss.item(), dist.entropy().mean().item(), 1))
 
 
+@pytest.mark.parametrize("valid, expected_policy_loss", [([0.0, 1.0, 0.0], -3.0), ([1.0, 1.0, 0.0], 0.0)])
+def test_normalising_scales_two_samples_and_leaves_one_alone(valid, expected_policy_loss):
+    """At lr 0 the ratio is 1, so L^CLIP = -mean(advantages): normalised ones have mean 0. A single
+    valid sample has no spread: its advantage stays 3 (dividing by its NaN std would end the run)."""
+    net = small_net()
+    obs = torch.randn((3, 1, 4), generator=torch.Generator().manual_seed(0))
+    actions = torch.zeros((3, 1), dtype=torch.long)
+    with torch.no_grad():
+        logits, values = net(obs)
+    zeros = torch.zeros(3, 1)
+    rollout = ppo.Rollout(obs=obs, actions=actions, logprobs=ppo.logprobs_of(logits, actions), rewards=zeros,
+                          values=values, dones=zeros, valid=torch.tensor(valid).view(3, 1), last_value=torch.zeros(1),
+                          ended_returns=zeros, ended_lengths=zeros)
+    advantages = torch.tensor([[1.0], [3.0], [5.0]])
+    stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages, values + advantages,
+                           update_epochs=1, minibatch_size=2, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
+                           value_coef=0.5, normalize_advantages=True, generator=torch.Generator().manual_seed(0))
+    assert stats["policy_loss"] == pytest.approx(expected_policy_loss, abs=1e-6) and stats["nonfinite"] == []
+
+
 def test_every_epoch_visits_each_valid_step_once_in_a_fresh_order():
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)
@@ -893,6 +913,23 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring
         collected.append(vars(collector.collect(small_net(0), 0.99, torch.Generator().manual_seed(0))))
     assert collected[0].keys() == collected[1].keys()
     assert all(torch.equal(collected[0][k], collected[1][k]) for k in collected[0])
+
+    update = pasted("Rollout", "logprobs_of", "entropy_of", "clipped_surrogate_loss", "value_loss", "approx_kl",
+                    "explained_variance", "ppo_update", imports="from dataclasses import dataclass\nimport math\n"
+                    "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F")
+    stats = []
+    for module in (update, ppo):
+        net = small_net(0)
+        rollout, advantages, returns, _ = hand_made_rollout(net)
+        stats.append(module.ppo_update(net, torch.optim.Adam(net.parameters(), lr=1e-3),
+                                       module.Rollout(**vars(rollout)), advantages, returns, update_epochs=2,
+                                       minibatch_size=4, clip_eps=0.2, value_clip_eps=0.2, entropy_coef=0.01,
+                                       value_coef=0.5, max_grad_norm=0.5, normalize_advantages=True,
+                                       generator=torch.Generator().manual_seed(0)) | dict(net=list(net.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(stats[0].pop("net"), stats[1].pop("net"))) and stats[0] == stats[1]
+    schedules = pasted("lr_at", "entropy_coef_at", imports="")
+    assert (schedules.lr_at(3, 10, 1e-3, True), schedules.entropy_coef_at(3, 10, 0.02, 0.001)) == (
+        ppo.lr_at(3, 10, 1e-3, True), ppo.entropy_coef_at(3, 10, 0.02, 0.001))
 
 
 # ==== The training loop ===========================================================================
@@ -1282,6 +1319,7 @@ BAD_KINDS = [
     (["--num-envs", str(10**8), "--buffer-size", str(10**8)], "--num-envs"),
     (["--buffer-size", str(2**40), "--minibatch-size", "64"], "--buffer-size"),
     (["--eval-episodes", str(10**9)], "--eval-episodes"), (["--confirm-episodes", "10001"], "--confirm-episodes"),
+    (["--num-envs", "4", "--buffer-size", "4", "--minibatch-size", "4"], "--buffer-size"),  # T = 1
 ]
 
 
