@@ -67,9 +67,10 @@ class Config:
     # Rollout and update
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
-    buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / "
-                                     "num-envs (default: 1024; torch backend: 16384)")
-    minibatch_size: int | None = option(None, "samples per gradient step (default: 256; torch backend: 2048)")
+    buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / num-envs: "
+                                     "a multiple of it, T >= 2 (default: 1024; torch backend: 16384)")
+    minibatch_size: int | None = option(None, "samples per gradient step, at most --buffer-size (default: 256; "
+                                        "torch backend: 2048)")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 1e6]")
     lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
@@ -99,7 +100,7 @@ class Config:
     # The run
     seed: int = option(1, "seeds the network, the envs, sampling and shuffling", allowed="[0, 2e9]")
     device: str = option("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
-    threads: int = option(1, "torch CPU threads")
+    threads: int = option(1, "torch CPU threads, at most this machine's cores")
     out_dir: str | None = option(None, "run folder (default: a fresh runs/<env>__seed<seed>__<time>)")
     plot: bool = option(True, "write training.png")
     gif: bool = option(True, "write agent.gif")
@@ -571,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field, named after it (`num_envs` -> `--num-envs`), with its help and
     default; a bool field gets --flag / --no-flag."""
     parser = argparse.ArgumentParser(
-        description="PPO for gymnasium's CartPole-v1, in one readable file.",
+        usage="%(prog)s [options]  (all of them: --help)", description="PPO for gymnasium's CartPole-v1, in one readable file.",
         epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
     types = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
@@ -945,7 +946,8 @@ class RunLog:
         self.solved_at_seconds = self.solved_at_iteration = None
         settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"
         print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
-              f"{config.num_iterations} iterations of {config.buffer_size} steps -> {self.out_dir}", flush=True)
+              f"{config.num_iterations} iterations of {config.buffer_size} steps"
+              f"{' at most: stops once solved' if config.stop_when_solved else ''} -> {self.out_dir}", flush=True)
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -1047,14 +1049,14 @@ PLOT_MAX_POINTS = 20_000  # episodes drawn as dots; beyond this, every k-th (a t
 EV_FLOOR = -1.0  # explained variance below this is drawn at it: one bad critic update can read -18
 LEARNING_PHASE = 3  # the left returns panel shows the run up to this many times the solve step
 # The diagnostic panels: metrics.csv column, title, colour, log scale.
-PANELS = [("policy_loss", "policy loss (L^CLIP)", "tab:blue", False),
+PANELS = [("policy_loss", "policy loss (-L^CLIP, minimised)", "tab:blue", False),
           ("value_loss", "value loss (log)", "tab:red", True),
           ("entropy", "entropy of the policy", "tab:purple", False),
           ("approx_kl", "approx KL(pi_old || pi) (log)", "tab:orange", True),
           ("clip_fraction", "clip fraction", "tab:green", False),
           ("explained_variance", "explained variance of V_old", "tab:gray", False),
           ("best_confirmed_return", "best.pt's score: greedy return (its EMA if --confirm-episodes 0)", "black", False),
-          ("lr", "learning rate (log)", "tab:brown", True)]
+          ("lr", "learning rate", "tab:brown", False)]
 
 
 def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
@@ -1075,7 +1077,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     episodes, metrics: rows of episodes.csv and metrics.csv (numbers or their text). On top, the
     returns (each episode, EMA, last-100 mean, target, success rate, best.pt's saves): on the left
     up to LEARNING_PHASE times the solve step, where the learning happens, on the right the whole
-    run. Below, a panel per entry of PANELS against env steps, a noisy one with its trend line;
+    run (one wide panel when the run ended sooner). Below, a panel per entry of PANELS against env steps, a noisy one with its trend line;
     kl_target is drawn on the KL, and the entropy coefficient beside the lr when it is ever > 0.
     """
     from matplotlib.figure import Figure
@@ -1084,14 +1086,15 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     col = lambda rows, key: np.array([np.nan if row[key] in (None, "") else float(row[key]) for row in rows])  # noqa: E731
     fig = Figure(figsize=(12, 14), layout="constrained")
     grid = fig.add_gridspec(5, 2, height_ratios=(2.2, 1, 1, 1, 1))
-    ax_whole = fig.add_subplot(grid[0, 1])
-    axes = [fig.add_subplot(grid[0, 0]), ax_whole] + [
-        fig.add_subplot(grid[row, column], sharex=ax_whole) for row in range(1, 5) for column in range(2)]
     last_step = float(metrics[-1]["env_steps"]) if metrics else 0.0
     learning_end = min(LEARNING_PHASE * solved_at_step, last_step) if solved_at_step else last_step
+    ends = (learning_end, last_step) if learning_end < last_step else (last_step,)
+    tops = [fig.add_subplot(grid[0, :] if len(ends) == 1 else grid[0, column]) for column in range(len(ends))]
+    ax_whole = tops[-1]
+    axes = tops + [fig.add_subplot(grid[row, column], sharex=ax_whole) for row in range(1, 5) for column in range(2)]
     stride = max(1, math.ceil(len(episodes) / PLOT_MAX_POINTS))
     saves = [float(row["env_steps"]) for row in metrics if float(row.get("best_saved") or 0)]
-    for ax, end in zip(axes, (learning_end, last_step)):
+    for ax, end in zip(tops, ends):
         shown = [row for row in episodes[::stride] if float(row["env_step"]) <= end]
         steps = col(shown, "env_step")
         ax.plot(steps, col(shown, "return"), ".", ms=2, alpha=0.3, color="tab:blue",
@@ -1104,7 +1107,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
                 transform=ax.get_xaxis_transform(), label=f"best.pt saved ({len(shown_saves)}x)")
         if solved_at_step is not None:
             ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5, label="solved")
-        ax.set(xlim=(0, end or None), ylabel="return")
+        ax.set(xlim=(0, 1.02 * end or None), ylabel="return")  # (the margin shows a solve at the very end)
         ax.legend(loc="center right", fontsize=8)
         ax_success = ax.twinx()
         ax_success.plot(steps, col(shown, "success_rate"), color="tab:green", alpha=0.6, lw=1,
@@ -1112,17 +1115,18 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
         ax_success.set(ylim=(0, 1.05), ylabel="success rate")
         ax_success.legend(loc="lower right", fontsize=8)
     solved = f"solved at {solved_at_step:,} env steps" if solved_at_step else "not solved"
-    axes[0].set_title(f"PPO learning: the first {learning_end:,.0f} env steps ({solved})", loc="left", fontsize=10)
-    ax_whole.set_title(f"the whole run: {last_step:,.0f} env steps", loc="left", fontsize=10)
+    if len(tops) == 2:
+        tops[0].set_title(f"PPO learning: the first {learning_end:,.0f} env steps", loc="left", fontsize=10)
+    ax_whole.set_title(f"the whole run: {last_step:,.0f} env steps ({solved})", loc="left", fontsize=10)
 
     window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
     steps, entropy_coef = col(metrics, "env_steps"), col(metrics, "entropy_coef")
-    for ax, (key, title, color, log) in zip(axes[2:], PANELS):
+    for ax, (key, title, color, log) in zip(axes[len(tops):], PANELS):
         values = col(metrics, key)
         if key == "explained_variance":
             below = values < EV_FLOOR
             if below.any():
-                ax.text(0.01, 0.04, f"clipped: {below.sum()} iteration(s) below {EV_FLOOR:g} (lowest "
+                ax.text(0.3, 0.1, f"clipped: {below.sum()} iteration(s) below {EV_FLOOR:g} (lowest "
                         f"{np.nanmin(values):.3g})", transform=ax.transAxes, fontsize=8,
                         bbox=dict(facecolor="white", lw=0))
             values = np.maximum(values, EV_FLOOR)
@@ -1134,9 +1138,11 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
             ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
         if key == "approx_kl" and kl_target is not None:
             ax.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
-        if key == "lr" and np.nanmax(entropy_coef, initial=0) > 0:
-            ax.twinx().plot(steps, entropy_coef, color="tab:olive")
-            title += ", entropy coefficient (olive, right)"
+        if key == "lr":  # from 0, as the linear schedule it is: a short run's lr barely moves
+            ax.set_ylim(0, 1.05 * np.nanmax(values, initial=0) or None)
+            if np.nanmax(entropy_coef, initial=0) > 0:
+                ax.twinx().plot(steps, entropy_coef, color="tab:olive")
+                title += ", entropy coefficient (olive, right)"
         if solved_at_step is not None:
             ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
         ax.set_title(title, fontsize=10, loc="left")

@@ -1735,6 +1735,18 @@ def test_dashboard_has_a_panel_for_each_diagnostic_and_schedule(tmp_path):
     assert any(line.get_label() == "target 0.01" for line in kl_axis.get_lines())
 
 
+def test_the_learning_phase_gets_its_own_returns_panel_only_when_the_run_went_on_after_it(tmp_path):
+    episodes, metrics = dashboard_rows()  # 5 iterations, up to env step 500
+    for solved_at_step, lefts in [(100, ["PPO learning: the first 300 env steps", "the whole run: 500 env steps (solved"]),
+                                  (200, ["the whole run: 500 env steps (solved at 200"]), (None, ["the whole run: 500"])]:
+        fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=solved_at_step)
+        returns_axes = [ax for ax in fig.axes if ax.get_ylabel() == "return"]
+        assert [ax.get_title(loc="left")[:len(t)] for ax, t in zip(returns_axes, lefts)] == lefts
+        assert len(returns_axes) == len(lefts) and returns_axes[0].get_xlim()[1] == pytest.approx(1.02 * (300 if solved_at_step == 100 else 500))
+        lr_axis = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("learning rate"))
+        assert lr_axis.get_ylim() == pytest.approx((0, 1.05 * 0.5))  # from 0 to the largest lr, 0.5
+
+
 def test_dashboard_clips_explained_variance_and_says_so(tmp_path):
     episodes, metrics = dashboard_rows()  # explained variance 1, 0, -1, -2, -3
     fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
