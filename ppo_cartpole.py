@@ -382,7 +382,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     from compute_gae. value_clip_eps None = no value clip. target_kl: once a minibatch's approx KL
     (before its step) exceeds it, that step is skipped and the rest of this update ends.
 
-    Returns the means over the minibatches run of the losses, entropy, approx KL and clip fraction;
+    Returns the means over the minibatches stepped of the losses, entropy and clip fraction, and of
+    approx KL over those and the one whose KL stopped the update, if one did (as SB3 logs it);
     the explained variance of V_old; epochs completed and minibatches run; and `nonfinite`: which of
     "loss", "gradient norm", "parameters" went NaN or infinite (empty when all is well).
 
@@ -402,7 +403,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
         b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
     num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
-    logged = []  # per minibatch: policy loss, value loss, entropy, approx KL, clip fraction, loss, gradient norm
+    logged = []  # per minibatch stepped: policy loss, value loss, entropy, clip fraction, loss, gradient norm
+    kls = []  # approx KL per minibatch, the one that ends the update too
     minibatches = epochs = 0
     kl_stop = False
     for _ in range(update_epochs):
@@ -411,6 +413,7 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
             logits, values = net(b_obs[mb_inds])
             logprobs = logprobs_of(logits, b_actions[mb_inds])
             kl = approx_kl(logprobs, b_logprobs[mb_inds])
+            kls.append(kl.detach())
             if target_kl is not None and kl.item() > target_kl:
                 kl_stop = True  # this step would push the policy too far from pi_old: skip it
                 break
@@ -426,17 +429,18 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 
             with torch.no_grad():
                 clip_fraction = ((torch.exp(logprobs - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
-                logged.append(torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction, loss, grad_norm]))
+                logged.append(torch.stack([policy_loss, v_loss, entropy, clip_fraction, loss, grad_norm]))
             minibatches += 1
         if kl_stop:
             break  # ends the rest of *this* update; the next rollout updates again
         epochs += 1
 
     # One read from the device per update (an .item() per minibatch would make a GPU wait each time).
-    means = torch.stack(logged).mean(0) if logged else torch.zeros(7, device=b_obs.device)
+    means = torch.stack(logged).mean(0) if logged else torch.zeros(6, device=b_obs.device)
     weights_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
-    policy_loss, v_loss, entropy, kl, clip_fraction, loss, grad_norm, ev, weights_ok = torch.cat(
-        [means, explained_variance(b_values, b_returns).view(1), weights_finite.view(1)]).tolist()
+    policy_loss, v_loss, entropy, clip_fraction, loss, grad_norm, kl, ev, weights_ok = torch.cat(
+        [means, torch.stack(kls).mean().view(1), explained_variance(b_values, b_returns).view(1),
+         weights_finite.view(1)]).tolist()
     # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
     nonfinite = [name for name, ok in (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
                                        ("parameters", weights_ok)) if not ok]

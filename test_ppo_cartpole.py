@@ -749,20 +749,26 @@ def test_a_non_finite_loss_in_any_minibatch_is_reported_not_only_in_the_last():
 
 def test_kl_early_stop_lets_a_kl_at_the_target_through():
     """target_kl stops the update once a minibatch's KL *exceeds* it: with pi == pi_old exactly
-    (a zeroed policy head gives every action log 1/2), KL 0 at target 0 still steps once."""
+    (a zeroed policy head gives every action log 1/2), KL 0 at target 0 still steps once. The logged
+    KL is the mean over both minibatches: 0 and the second's, worked out here from the stepped net."""
     net = small_net()
     with torch.no_grad():
         net.policy_head.weight.zero_()
         net.policy_head.bias.zero_()
-    rollout, advantages, returns, _ = hand_made_rollout(net)
+    rollout, advantages, returns, index = hand_made_rollout(net)
     rollout.logprobs.fill_(-math.log(2))
     stats = ppo.ppo_update(net, torch.optim.Adam(net.parameters(), lr=1e-2), rollout, advantages, returns,
                            update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
                            value_coef=0.5, target_kl=0.0, generator=torch.Generator().manual_seed(0))
-    assert (stats["minibatches"], stats["epochs"], stats["approx_kl"]) == (1, 0, 0.0)
+    assert (stats["minibatches"], stats["epochs"]) == (1, 0)
+    second = index[torch.randperm(12, generator=torch.Generator().manual_seed(0))[4:8]]  # the update's shuffle
+    with torch.no_grad():
+        p = torch.softmax(net(rollout.obs.flatten(0, 1)[second])[0], -1).double().numpy()
+    r = p[np.arange(4), rollout.actions.flatten()[second].numpy()] / 0.5
+    assert stats["approx_kl"] == pytest.approx(np.mean(r - 1 - np.log(r)) / 2, rel=1e-4) and stats["approx_kl"] > 0
 
 
-def test_a_kl_stop_before_the_first_step_leaves_the_weights_and_logs_zeros():
+def test_a_kl_stop_before_the_first_step_leaves_the_weights_and_logs_only_its_kl():
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)  # RATIOS: pi is already far from pi_old
     before = [p.clone() for p in net.parameters()]
@@ -771,7 +777,9 @@ def test_a_kl_stop_before_the_first_step_leaves_the_weights_and_logs_zeros():
                            value_coef=0.5, target_kl=1e-9, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert (stats["minibatches"], stats["epochs"], stats["nonfinite"]) == (0, 0, [])
-    assert [stats[k] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")] == [0.0] * 5
+    assert [stats[k] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction")] == [0.0] * 4
+    r = np.array(RATIOS)[torch.randperm(12, generator=torch.Generator().manual_seed(0))[:4].numpy()]
+    assert stats["approx_kl"] == pytest.approx(np.mean(r - 1 - np.log(r)), rel=1e-5)  # the KL that stopped it
     R, old_values = returns.flatten()[index].numpy(), rollout.values.flatten()[index].numpy()
     assert stats["explained_variance"] == pytest.approx(1 - np.var(R - old_values) / np.var(R), rel=1e-5)
 
@@ -815,6 +823,7 @@ def test_kl_early_stop_ends_the_update_within_an_epoch():
     _, stats = update(rollout, target_kl=1e-12)
     # Minibatch 1 sees pi == pi_old (KL 0) and steps; minibatch 2's KL is > 1e-12: the update ends.
     assert stats["minibatches"] == 1 and stats["epochs"] == 0
+    assert stats["approx_kl"] > 1e-12 / 2  # the logged KL counts the one that stopped it: mean(0, KL_2)
     _, stats = update(rollout, target_kl=None)
     assert stats["minibatches"] > 4
 
