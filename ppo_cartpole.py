@@ -576,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field, named after it (`num_envs` -> `--num-envs`), with its help and
     default; a bool field gets --flag / --no-flag."""
     parser = argparse.ArgumentParser(
-        usage="%(prog)s [options]  (all of them: --help)", description="PPO for gymnasium's CartPole-v1, in one readable file.",
+        usage="%(prog)s [options]  (all of them: --help)",  # one line above an error, not all the flags
+        description="PPO for gymnasium's CartPole-v1, in one readable file.",
         epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
     types = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
@@ -1081,8 +1082,9 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     episodes, metrics: rows of episodes.csv and metrics.csv (numbers or their text). On top, the
     returns (each episode, EMA, last-100 mean, target, success rate, best.pt's saves): on the left
     up to LEARNING_PHASE times the solve step, where the learning happens, on the right the whole
-    run (one wide panel when the run ended sooner). Below, a panel per entry of PANELS against env steps, a noisy one with its trend line;
-    kl_target is drawn on the KL, and the entropy coefficient beside the lr when it is ever > 0.
+    run (one wide panel when the run ended sooner). Below, a panel per entry of PANELS against env
+    steps, a noisy one with its trend line; kl_target is drawn on the KL, and the entropy coefficient
+    beside the lr when it is ever > 0.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -1092,8 +1094,8 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     grid = fig.add_gridspec(5, 2, height_ratios=(2.2, 1, 1, 1, 1))
     last_step = float(metrics[-1]["env_steps"]) if metrics else 0.0
     learning_end = min(LEARNING_PHASE * solved_at_step, last_step) if solved_at_step else last_step
-    ends = (learning_end, last_step) if learning_end < last_step else (last_step,)
-    tops = [fig.add_subplot(grid[0, :] if len(ends) == 1 else grid[0, column]) for column in range(len(ends))]
+    ends = (learning_end, last_step) if learning_end < last_step else (last_step,)  # or one wide panel
+    tops = [fig.add_subplot(grid[0, column]) for column in (0, 1)] if len(ends) == 2 else [fig.add_subplot(grid[0, :])]
     ax_whole = tops[-1]
     axes = tops + [fig.add_subplot(grid[row, column], sharex=ax_whole) for row in range(1, 5) for column in range(2)]
     stride = max(1, math.ceil(len(episodes) / PLOT_MAX_POINTS))
