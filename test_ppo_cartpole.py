@@ -692,8 +692,9 @@ def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical(
 @pytest.mark.parametrize("valid, expected_policy_loss", [([0.0, 1.0, 0.0], -3.0), ([1.0, 1.0, 0.0], 0.0)])
 @pytest.mark.filterwarnings("ignore:var\\(\\)")  # the explained variance of one sample: NaN, as documented
 def test_normalising_scales_two_samples_and_leaves_one_alone(valid, expected_policy_loss):
-    """At lr 0 the ratio is 1, so L^CLIP = -mean(advantages): normalised ones have mean 0. A single
-    valid sample has no spread: its advantage stays 3 (dividing by its NaN std would end the run)."""
+    """At lr 0 the ratio is 1, so the policy loss -L^CLIP is -mean(advantages): normalised ones have
+    mean 0. A single valid sample has no spread: its advantage stays 3 (dividing by its NaN std
+    would end the run)."""
     net = small_net()
     obs = torch.randn((3, 1, 4), generator=torch.Generator().manual_seed(0))
     actions = torch.zeros((3, 1), dtype=torch.long)
@@ -1752,7 +1753,8 @@ def test_the_learning_phase_gets_its_own_returns_panel_only_when_the_run_went_on
         fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=solved_at_step)
         returns_axes = [ax for ax in fig.axes if ax.get_ylabel() == "return"]
         assert [ax.get_title(loc="left")[:len(t)] for ax, t in zip(returns_axes, lefts)] == lefts
-        assert len(returns_axes) == len(lefts) and returns_axes[0].get_xlim()[1] == pytest.approx(1.02 * (300 if solved_at_step == 100 else 500))
+        first_end = 300 if solved_at_step == 100 else 500  # 3 x the solve, or the whole run
+        assert len(returns_axes) == len(lefts) and returns_axes[0].get_xlim()[1] == pytest.approx(1.02 * first_end)
         lr_axis = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("learning rate"))
         assert lr_axis.get_ylim() == pytest.approx((0, 1.05 * 0.5))  # from 0 to the largest lr, 0.5
 
