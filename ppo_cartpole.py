@@ -69,7 +69,7 @@ class Config:
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
     buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / num-envs: "
                                      "a multiple of it, T >= 2 (default: 1024; torch backend: 16384)")
-    minibatch_size: int | None = option(None, "samples per gradient step, at most --buffer-size (default: 256; "
+    minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size (default: 256; "
                                         "torch backend: 2048)")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 1e6]")
     lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
@@ -180,16 +180,16 @@ class ActorCritic(nn.Module):
         return self.policy_head(features), self.value_head(features).squeeze(-1)
 
 
-def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
-    """logits [..., A] -> (actions [...] int64, logprobs [...]), drawn from `generator` only.
+def sample_actions(logits: torch.Tensor, uniform: torch.Tensor):
+    """logits [..., A], uniform [..., A] noise in [0, 1) -> (actions [...] int64, logprobs [...]).
 
     Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), the same
     distribution as torch.distributions.Categorical. Not Categorical: its `sample` takes no
     generator, so sampling would draw from torch's global RNG and a run's samples would depend on
     whatever else draws from it. (Its sampler, torch.multinomial, also checks its input on the
-    host: on a GPU, a wait for the device at every step.)
+    host: on a GPU, a wait for the device at every step.) The caller draws the noise, from its own
+    generator and up front for a whole rollout: a step that draws nothing can be traced and replayed.
     """
-    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
     actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
     return actions, logprobs_of(logits, actions)
 
@@ -231,9 +231,13 @@ class Collector:
     an episode ends ignores the action and returns the reset observation with reward 0; it is not
     experience and is masked out (the trap CleanRL's users hit on gymnasium 1.x). Any other mode is
     refused. The env state persists across rollouts: the post reset every env at the start of every
-    rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable. Nothing in
-    `collect` reads a tensor on the host, so on a GPU with TorchCartPole the rollout never waits.
-    The tensors are reused: a Rollout is valid until the next `collect`.
+    rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
+
+    Built to be replayed by a GPU (CUDA graphs): `collect` draws the rollout's noise up front (the
+    actions' Gumbel noise; an env with `draw_initial_states`, TorchCartPole, takes its reset states
+    as an input too), then each `step` is tensor work on fixed buffers, written in place, never
+    rebound, and nothing is read on the host (with TorchCartPole). A Rollout holds these buffers:
+    it is valid until the next `collect`.
 
     Copy with Rollout, sample_actions and logprobs_of; imports: dataclasses.dataclass, torch,
     torch.nn.functional as F.
@@ -252,55 +256,70 @@ class Collector:
         self.actions = torch.zeros(shape, dtype=torch.long, device=device)
         (self.logprobs, self.values, self.rewards, self.dones, self.valid, self.truncated_only,
          self.ended_returns, self.ended_lengths) = torch.zeros((8, *shape), device=device)
-        self.next_obs, _ = envs.reset(seed=seed)  # the only reset: autoreset does the rest
+        self.last_value = torch.zeros(envs.num_envs, device=device)
+        self.uniform = torch.zeros(shape + (envs.single_action_space.n,), device=device)  # [T, N, A] action noise
+        self.initial_states = None  # [T, N, S]: the states the envs that reset at step t start from
+        if hasattr(envs, "draw_initial_states"):
+            self.initial_states = torch.zeros(shape + envs.state.shape[1:], dtype=envs.state.dtype, device=device)
+        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)  # the only reset: autoreset does the rest
         self.prev_done = torch.zeros(envs.num_envs, device=device)  # did the episode end on the previous step?
         self.episode_return = torch.zeros(envs.num_envs, device=device)
         self.episode_length = torch.zeros(envs.num_envs, device=device)
 
     def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
+        """T steps with `net` as pi_old, noise drawn from `generator` (sampling) and the envs' own."""
         with torch.inference_mode():  # no autograd graph: pi_old is data, not a function to differentiate
+            self.uniform.uniform_(generator=generator)  # the rollout's noise, up front: the steps draw none
+            if self.initial_states is not None:
+                self.envs.draw_initial_states(self.initial_states)
             for t in range(self.rewards.shape[0]):
-                obs = self.next_obs
-                logits, values = net(obs)
-                actions, logprobs = sample_actions(logits, generator)
-                self.next_obs, rewards, terminated, truncated, _ = self.envs.step(actions)
-
-                self.obs[t], self.actions[t], self.logprobs[t], self.values[t] = obs, actions, logprobs, values
-                # Next-step autoreset: if the episode ended on the previous step, this step only reset
-                # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
-                self.valid[t] = 1.0 - self.prev_done
-                done = (terminated | truncated).float()
-                self.rewards[t], self.dones[t] = rewards, done
-                # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
-                self.truncated_only[t] = (truncated & ~terminated).float()
-
-                self.episode_return += rewards
-                self.episode_length += self.valid[t]
-                self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
-                self.episode_return *= 1.0 - done
-                self.episode_length *= 1.0 - done
-                self.prev_done = done
-
-            last_value = net(self.next_obs)[1]
+                self.step(net, t)
+            self.last_value.copy_(net(self.next_obs)[1])
             # In next-step mode the obs returned at an episode's last step is its true final obs, so
             # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
             # (The post treated the time limit as termination.)
-            next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # [T, N]
+            next_values = torch.cat([self.values[1:], self.last_value.unsqueeze(0)])  # [T, N]
             self.rewards += gamma * next_values * self.truncated_only
-            return Rollout(
-                obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
-                values=self.values, dones=self.dones, valid=self.valid, last_value=last_value.clone(),
-                ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
+        return Rollout(obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
+                       values=self.values, dones=self.dones, valid=self.valid, last_value=self.last_value,
+                       ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
+
+    def step(self, net: ActorCritic, t: int) -> None:
+        """Step t of the rollout: act on next_obs, step the envs, write row t of every buffer."""
+        self.obs[t] = self.next_obs
+        logits, self.values[t] = net(self.obs[t])
+        self.actions[t], self.logprobs[t] = sample_actions(logits, self.uniform[t])
+        if self.initial_states is None:
+            next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t])
+        else:
+            next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t], self.initial_states[t])
+        self.next_obs.copy_(next_obs)
+        # Next-step autoreset: if the episode ended on the previous step, this step only reset
+        # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
+        self.valid[t] = 1.0 - self.prev_done
+        done = (terminated | truncated).float()
+        self.rewards[t], self.dones[t] = rewards, done
+        # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
+        self.truncated_only[t] = (truncated & ~terminated).float()
+
+        self.episode_return += rewards
+        self.episode_length += self.valid[t]
+        self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
+        self.episode_return *= 1.0 - done
+        self.episode_length *= 1.0 - done
+        self.prev_done.copy_(done)
 
 
 # ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: torch.Tensor, gamma: float, lam: float):
+                last_value: torch.Tensor, gamma: float, lam: float,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Generalised advantage estimation along time, vectorised over envs.
 
     rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
-    (the post averaged one over all envs). Returns (advantages [T, N], returns = advantages + values).
+    (the post averaged one over all envs). Returns (advantages [T, N], returns = advantages + values),
+    written into `out`'s two [T, N] tensors if given (fixed buffers a replayed GPU graph writes).
 
     What the inputs must already mean, for a copy of this function:
     - dones[t] = 1 iff the episode ended *at* step t (terminated or truncated): it cuts the
@@ -313,7 +332,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
     Copy alone; imports: torch.
     """
-    advantages = torch.zeros_like(rewards)
+    advantages, returns = out if out is not None else (torch.empty_like(rewards), torch.empty_like(rewards))
     gae = torch.zeros_like(last_value)
     next_value = last_value
     for t in reversed(range(rewards.shape[0])):
@@ -322,41 +341,66 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
         gae = delta + gamma * lam * not_done * gae  # eq. (11), as a recursion
         advantages[t] = gae
         next_value = values[t]
-    return advantages, advantages + values
+    torch.add(advantages, values, out=returns)
+    return advantages, returns
 
 
 # ==== Losses ======================================================================================
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x [B] over mask [B] (bool; None = all), 0 if the mask is empty. torch.where, not a
+    product: a NaN where the mask is False stays out of the value. Copy alone; imports: torch."""
+    if mask is None:
+        return x.mean()
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                           clip_eps: float) -> torch.Tensor:
-    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B]. The
-    min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps, for A < 0 at 1-eps,
-    and those clipped samples contribute no gradient. Copy alone; imports: torch."""
+                           clip_eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B]; the
+    mean is over `mask` (default all). The min makes it a pessimistic bound: for A > 0 the ratio's
+    gain stops at 1+eps, for A < 0 at 1-eps, and those clipped samples contribute no gradient.
+    Copy with masked_mean; imports: torch."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    return -torch.min(unclipped, clipped).mean()
+    return -masked_mean(torch.min(unclipped, clipped), mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               clip_eps: float | None) -> torch.Tensor:
+               clip_eps: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """0.5 * mean((v - R)^2); with clip_eps, the post's clipped form (eq. 9's L^VF, clipped as in
     the baselines code): 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)),
-    v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B]. Copy alone; imports: torch.
+    v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B]; the mean is over `mask` (default
+    all). Copy with masked_mean; imports: torch.
     """
     unclipped = (values - returns) ** 2
     if clip_eps is None:
-        return 0.5 * unclipped.mean()
+        return 0.5 * masked_mean(unclipped, mask)
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
-    return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
+    return 0.5 * masked_mean(torch.max(unclipped, (values_clipped - returns) ** 2), mask)
 
 
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(pi_old || pi) estimated as mean((r - 1) - log r), r = pi/pi_old, on samples from pi_old:
     the "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020), unbiased, never negative,
-    lower variance than mean(-log r). CleanRL and SB3 log the same. Copy alone; imports: torch."""
+    lower variance than mean(-log r). CleanRL and SB3 log the same. Inputs [B]; the mean is over
+    `mask` (default all). Copy with masked_mean; imports: torch."""
     log_ratio = logprobs - old_logprobs
-    return (torch.exp(log_ratio) - 1 - log_ratio).mean()
+    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target) over `mask` [B] (default all), a 0-dim tensor (no
+    read from the device): 1 = perfect critic, <= 0 = no better than a constant, NaN for a constant
+    target or a single sample. Copy with masked_mean; imports: math, torch."""
+    mask = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+
+    def variance(x):  # unbiased, as torch.var
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask) * mask.sum() / (mask.sum() - 1)
+
+    var_target = variance(target)
+    return torch.where(var_target == 0, math.nan, 1 - variance(target - predicted) / var_target)
 
 
 # ==== PPO update ==================================================================================
@@ -366,94 +410,137 @@ def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float
     return lr * (1 - iteration / num_iterations) if anneal else lr
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every param group's lr: a float is replaced, a tensor lr (what a captured GPU graph of
+    Adam(capturable=True) reads) is filled in place, so the graph sees the new value. Copy alone."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
     """The post's annealing: explore early, exploit late. Copy alone."""
     return max(floor, initial * (1 - iteration / num_iterations))
 
 
+def minibatch_loss(net: ActorCritic, obs: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor,
+                   old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+                   valid: torch.Tensor, *, clip_eps: float, value_clip_eps: float | None,
+                   value_coef: float, entropy_coef: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (9) on one minibatch: loss = -L^CLIP + c1 L^VF - c2 H, each a mean over the valid
+    samples. obs [M, D], the rest [M], valid [M] bool; entropy_coef may be a 0-dim tensor. Returns
+    (loss, stats [5]: -L^CLIP, L^VF, entropy, approx KL, clip fraction), all on the device: tensor
+    work only, no host read, no Python branch on a tensor, so a GPU graph can replay it.
+
+    Copy with logprobs_of, entropy_of, masked_mean and the three losses; imports: torch,
+    torch.nn.functional as F.
+    """
+    logits, values = net(obs)
+    logprobs = logprobs_of(logits, actions)
+    policy_loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages, clip_eps, valid)
+    v_loss = value_loss(values, old_values, returns, value_clip_eps, valid)
+    entropy = masked_mean(entropy_of(logits), valid)
+    loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
+    with torch.no_grad():
+        kl = approx_kl(logprobs, old_logprobs, valid)
+        clip_fraction = masked_mean(((torch.exp(logprobs - old_logprobs) - 1).abs() > clip_eps).float(), valid)
+        stats = torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction])
+    return loss, stats
+
+
 def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Rollout,
                advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
                minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
-               entropy_coef: float, value_coef: float, max_grad_norm: float | None = None,
+               entropy_coef: float | torch.Tensor, value_coef: float, max_grad_norm: float | None = None,
                target_kl: float | None = None, normalize_advantages: bool = False,
                generator: torch.Generator | None = None) -> dict:
-    """K epochs of shuffled minibatch SGD on the valid steps of one rollout, actor and critic
-    together through the shared trunk (paper, section 5, Algorithm 1). advantages, returns: [T, N]
-    from compute_gae. value_clip_eps None = no value clip. target_kl: once a minibatch's approx KL
-    (before its step) exceeds it, that step is skipped and the rest of this update ends.
+    """K epochs of shuffled minibatch SGD on one rollout, actor and critic together through the
+    shared trunk (paper, section 5, Algorithm 1). advantages, returns: [T, N] from compute_gae.
+    minibatch_size must divide T * N. value_clip_eps None = no value clip. target_kl: once a
+    minibatch's approx KL (before its step) exceeds it, that step is skipped and the rest of this
+    update ends.
 
-    Returns the means over the minibatches stepped of the losses, entropy and clip fraction, and of
-    approx KL over those and the one whose KL stopped the update, if one did (as SB3 logs it);
-    the explained variance of V_old; epochs completed and minibatches run; and `nonfinite`: which of
-    "loss", "gradient norm", "parameters" went NaN or infinite (empty when all is well).
+    Every one of the T * N steps enters each epoch's permutation, so every minibatch has the same
+    shape; the autoreset steps (rollout.valid 0) weigh 0 in every mean. A mask, not indexing by
+    valid.nonzero(): that would size the batch by the data, read on the host, which a GPU graph
+    cannot replay. Their inputs are zeroed too, since a NaN there would reach the gradient as 0 * NaN.
+    A minibatch without a valid step has zero loss and gradient: Adam still moves the weights by
+    its decayed momentum, as after any tiny gradient (rare: at most half a rollout's steps can be
+    autoreset steps; skipping it would need a host read).
 
-    Copy with Rollout, logprobs_of, entropy_of, the three losses and explained_variance; imports:
+    Returns, averaged over the valid samples of the minibatches stepped: the losses, entropy and
+    clip fraction; approx KL over those and the one whose KL stopped the update, if one did (as SB3
+    logs it); the explained variance of V_old; epochs completed and minibatches run; and
+    `nonfinite`: which of "loss", "gradient norm", "parameters" went NaN or infinite (empty when
+    all is well). One read from the device per update; `target_kl` adds one per minibatch, the one
+    setting whose update a GPU graph cannot replay.
+
+    Copy with Rollout, minibatch_loss and what it travels with, and explained_variance; imports:
     math, torch, torch.nn as nn, torch.nn.functional as F.
     """
-    valid_idx = rollout.valid.flatten().nonzero().squeeze(1)  # [T*N] -> [B] indices of real steps
-    b_obs = rollout.obs.flatten(0, 1)[valid_idx]  # [T, N, D] -> [B, D]
-    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
-        x.flatten()[valid_idx] for x in
-        (rollout.actions, rollout.logprobs, rollout.values, returns, advantages))
+    valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
+    batch_size = valid.numel()
+    if batch_size % minibatch_size:
+        raise ValueError(f"minibatch_size {minibatch_size} does not divide the rollout's {batch_size} steps")
     # Off by default: once solved, the advantages are ~30x smaller and mostly noise, and scaling them
     # back to std 1 makes every later update full-size (docs/long-run.md). When on (the post, CleanRL,
-    # SB3), normalised once over the whole batch, not per minibatch: one scale for all.
-    batch_size = len(valid_idx)
-    if normalize_advantages and batch_size > 1:  # (one sample has no spread to scale by)
-        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+    # SB3), normalised once over the whole batch's valid steps, not per minibatch: one scale for all.
+    b_advantages = advantages.flatten()
+    if normalize_advantages:  # (one sample has no spread to scale by: left as it is)
+        mean = masked_mean(b_advantages, valid)
+        std = torch.sqrt(masked_mean((b_advantages - mean) ** 2, valid) * valid.sum() / (valid.sum() - 1))
+        b_advantages = torch.where(valid.sum() > 1, (b_advantages - mean) / (std + 1e-8), b_advantages)
+    b_obs = torch.where(valid.unsqueeze(1), rollout.obs.flatten(0, 1), 0)  # [T, N, D] -> [T*N, D]
+    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
+        torch.where(valid, x.flatten(), 0) for x in
+        (rollout.actions, rollout.logprobs, rollout.values, returns, b_advantages))
 
-    num_minibatches = max(1, round(batch_size / minibatch_size))  # near-equal, every sample covered
-    logged = []  # per minibatch stepped: policy loss, value loss, entropy, clip fraction, loss, gradient norm
-    kls = []  # approx KL per minibatch, the one that ends the update too
+    # Every epoch's shuffle drawn up front: [K, T*N] -> [K, minibatches, minibatch_size] indices.
+    permutations = torch.stack([torch.randperm(batch_size, device=valid.device, generator=generator)
+                                for _ in range(update_epochs)]).view(update_epochs, -1, minibatch_size)
+    logged = []  # per minibatch stepped: -L^CLIP, L^VF, entropy, KL, clip fraction, loss, gradient norm, valid count
+    kls = []  # (approx KL, valid count) per minibatch, the one that ends the update too
     minibatches = epochs = 0
     kl_stop = False
-    for _ in range(update_epochs):
-        permutation = torch.randperm(batch_size, device=b_obs.device, generator=generator)
-        for mb_inds in torch.tensor_split(permutation, num_minibatches):
-            logits, values = net(b_obs[mb_inds])
-            logprobs = logprobs_of(logits, b_actions[mb_inds])
-            kl = approx_kl(logprobs, b_logprobs[mb_inds])
-            kls.append(kl.detach())
-            if target_kl is not None and kl.item() > target_kl:
+    for epoch in permutations:
+        for mb_inds in epoch:
+            loss, stats = minibatch_loss(net, b_obs[mb_inds], b_actions[mb_inds], b_logprobs[mb_inds],
+                                         b_values[mb_inds], b_advantages[mb_inds], b_returns[mb_inds],
+                                         valid[mb_inds], clip_eps=clip_eps, value_clip_eps=value_clip_eps,
+                                         value_coef=value_coef, entropy_coef=entropy_coef)
+            count = valid[mb_inds].sum().view(1).float()
+            kls.append(torch.cat([stats[3:4], count]))
+            if target_kl is not None and stats[3].item() > target_kl:
                 kl_stop = True  # this step would push the policy too far from pi_old: skip it
                 break
-            policy_loss = clipped_surrogate_loss(logprobs, b_logprobs[mb_inds], b_advantages[mb_inds], clip_eps)
-            v_loss = value_loss(values, b_values[mb_inds], b_returns[mb_inds], value_clip_eps)
-            entropy = entropy_of(logits).mean()
-            loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
 
             optimizer.zero_grad()
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)  # inf: measure only
             optimizer.step()
-
-            with torch.no_grad():
-                clip_fraction = ((torch.exp(logprobs - b_logprobs[mb_inds]) - 1).abs() > clip_eps).float().mean()
-                logged.append(torch.stack([policy_loss, v_loss, entropy, clip_fraction, loss, grad_norm]))
+            logged.append(torch.cat([stats, loss.detach().view(1), grad_norm.view(1), count]))
             minibatches += 1
         if kl_stop:
             break  # ends the rest of *this* update; the next rollout updates again
         epochs += 1
 
-    # One read from the device per update (an .item() per minibatch would make a GPU wait each time).
-    means = torch.stack(logged).mean(0) if logged else torch.zeros(6, device=b_obs.device)
+    def valid_mean(rows: list[torch.Tensor], width: int) -> torch.Tensor:  # [width], weighted by valid counts
+        if not rows:
+            return torch.zeros(width, device=valid.device)
+        rows = torch.stack(rows)
+        return (rows[:, :-1] * rows[:, -1:]).sum(0) / rows[:, -1].sum().clamp(min=1)
+
     weights_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
-    policy_loss, v_loss, entropy, clip_fraction, loss, grad_norm, kl, ev, weights_ok = torch.cat(
-        [means, torch.stack(kls).mean().view(1), explained_variance(b_values, b_returns).view(1),
+    policy_loss, v_loss, entropy, _, clip_fraction, loss, grad_norm, kl, ev, weights_ok = torch.cat(
+        [valid_mean(logged, 7), valid_mean(kls, 1), explained_variance(b_values, b_returns, valid).view(1),
          weights_finite.view(1)]).tolist()
     # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
     nonfinite = [name for name, ok in (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
                                        ("parameters", weights_ok)) if not ok]
     return dict(policy_loss=policy_loss, value_loss=v_loss, entropy=entropy, approx_kl=kl, clip_fraction=clip_fraction,
                 explained_variance=ev, epochs=epochs, minibatches=minibatches, nonfinite=nonfinite)
-
-
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - Var(target - predicted) / Var(target), a 0-dim tensor (no read from the device):
-    1 = perfect critic, <= 0 = no better than a constant, NaN for a constant target. Copy alone;
-    imports: math, torch."""
-    var_target = target.var()
-    return torch.where(var_target == 0, math.nan, 1 - (target - predicted).var() / var_target)
 
 
 # ==== The training loop ===========================================================================
@@ -471,20 +558,22 @@ def train(config: Config) -> dict:
     net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)  # eps 1e-8, torch's default (CleanRL: 1e-5)
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
+    advantages, returns = torch.zeros_like(collector.rewards), torch.zeros_like(collector.rewards)  # [T, N]
+    entropy_coef = torch.zeros((), device=device)  # set in place, never rebound: a GPU graph reads it there
     log = RunLog(config)
     bar = tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
     try:
         for iteration in bar:
             lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            entropy_coef = entropy_coef_at(iteration, config.num_iterations, config.entropy_coef, config.entropy_floor)
+            set_lr(optimizer, lr)
+            coef = entropy_coef_at(iteration, config.num_iterations, config.entropy_coef, config.entropy_floor)
+            entropy_coef.fill_(coef)
             # 1. Collect: N envs x T steps with the current policy, pi_old.
             with log.timed("collect"):
                 rollout = collector.collect(net, config.gamma, generator)
             # 2. Advantages: GAE along time, per env.
-            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
-                                              config.gamma, config.gae_lambda)
+            compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, config.gamma,
+                        config.gae_lambda, out=(advantages, returns))
             # 3. Update: K epochs of minibatch SGD on the clipped surrogate, value loss and entropy.
             with log.timed("update"):
                 stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
@@ -494,7 +583,7 @@ def train(config: Config) -> dict:
                                    target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
                                    generator=generator)
             # 4. Log: episodes, metrics and best.pt. Stop on divergence, or once solved if asked to.
-            log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=entropy_coef)
+            log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=coef)
             bar.set_postfix(log.progress, refresh=False)
             if log.diverged or (config.stop_when_solved and log.solved_and_confirmed()):
                 break
@@ -657,8 +746,8 @@ def check_config(c: Config, obs_dim: int, require) -> None:
     """Every value of a resolved Config in its range (nan and inf never train), a run folder without
     an earlier run, and tensors that fit in memory: per rollout step, the observation twice (the
     collector's and the update's copy), 17 floats (the collector's 8, GAE's 2, the update's 4
-    copies, the log's host copy of 3) and 4 int64 (the action and its copy, the update's index and
-    permutation); per minibatch sample, the activations autograd keeps (the 64-wide trunk, with
+    copies, the log's host copy of 3) and 2 + K int64 (the action and its copy, the update's K
+    epochs of permutations, drawn at once); per minibatch sample, the activations autograd keeps (the 64-wide trunk, with
     gradients). The envs and greedy episodes are bounded by the ranges of their flags."""
     for field in dataclasses.fields(Config):
         value, allowed = getattr(c, field.name), field.metadata.get("allowed")
@@ -675,15 +764,16 @@ def check_config(c: Config, obs_dim: int, require) -> None:
     # T >= 2: a rollout of T = 1 can be all autoreset steps, which leaves nothing to learn from
     require(c.buffer_size >= 2 * c.num_envs and c.buffer_size % c.num_envs == 0, "--buffer-size",
             f"a multiple of --num-envs ({c.num_envs}), 2 steps per env or more, got {c.buffer_size}")
-    require(0 < c.minibatch_size <= c.buffer_size, "--minibatch-size",
-            f"in [1, --buffer-size ({c.buffer_size})], got {c.minibatch_size}")
+    # Every minibatch the same size, so a GPU can replay the update's steps (ppo_update)
+    require(0 < c.minibatch_size <= c.buffer_size and c.buffer_size % c.minibatch_size == 0, "--minibatch-size",
+            f"a divisor of --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
     cores = os.cpu_count() or 1
     require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
     if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
         taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv")
                  if (Path(c.out_dir) / name).exists()]
         require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
-    needed = {"--buffer-size": c.buffer_size * (2 * 4 * obs_dim + 17 * 4 + 4 * 8),
+    needed = {"--buffer-size": c.buffer_size * (2 * 4 * obs_dim + 17 * 4 + (2 + c.update_epochs) * 8),
               "--minibatch-size": c.minibatch_size * 64 * 4 * 12}
     available = available_memory(c.device)
     require(sum(needed.values()) <= 0.8 * available, max(needed, key=needed.get),
@@ -710,8 +800,11 @@ class TorchCartPole:
     with the same physics (explicit Euler), strict thresholds, rewards, time limit (500: terminated
     and truncated can both be true then), initial states and next-step autoreset. Gymnasium keeps
     the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12). Observations are
-    float32; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set. Nothing here
-    synchronises with the host: resets draw a full [N, 4] batch every step and select with torch.where.
+    float32; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read, and set in place. Nothing
+    here synchronises with the host: a step resets by torch.where from a full [N, 4] batch of
+    initial states, its argument (Collector draws a rollout's at once) or else drawn then. The
+    carried state (`state`, `steps`, `prev_done`) is updated in place, so a replayed GPU graph of
+    `step` carries it on; each observation returned is a fresh copy.
     """
 
     gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
@@ -728,24 +821,27 @@ class TorchCartPole:
         self.forces = torch.tensor([-self.force_mag, self.force_mag], dtype=dtype, device=self.device)  # by action
         self.thresholds = torch.tensor([self.x_threshold, self.theta_threshold], dtype=dtype, device=self.device)
         self.generator = torch.Generator(device=self.device)
-        self.state = self._initial_states()
+        self.state = self.draw_initial_states(torch.zeros((num_envs, 4), dtype=dtype, device=self.device))
         self.steps = torch.zeros(num_envs, dtype=torch.int32, device=self.device)
         self.prev_done = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
 
-    def _initial_states(self) -> torch.Tensor:
-        uniform = torch.rand((self.num_envs, 4), generator=self.generator, device=self.device, dtype=self.dtype)
-        return uniform * 0.1 - 0.05  # [N, 4] in [-0.05, 0.05)
+    def draw_initial_states(self, out: torch.Tensor) -> torch.Tensor:
+        """Fills out [..., N, 4] with initial states, uniform in [-0.05, 0.05), from self.generator."""
+        return out.uniform_(-0.05, 0.05, generator=self.generator)
 
     def reset(self, seed: int | None = None):
         if seed is not None:  # seeded only here, as gymnasium
             self.generator.manual_seed(seed)
-        self.state = self._initial_states()
+        self.draw_initial_states(self.state)
         self.steps.zero_()
         self.prev_done.zero_()
-        return self.state.float(), {}
+        return self.state.to(torch.float32, copy=True), {}
 
-    def step(self, actions: torch.Tensor):
-        """actions [N] in {0, 1} -> (obs [N, 4], reward [N], terminated [N], truncated [N], {})."""
+    def step(self, actions: torch.Tensor, initial_states: torch.Tensor | None = None):
+        """actions [N] in {0, 1}, initial_states [N, 4] for the envs that reset on this step (None:
+        drawn now) -> (obs [N, 4], reward [N], terminated [N], truncated [N], {})."""
+        if initial_states is None:
+            initial_states = self.draw_initial_states(torch.empty_like(self.state))
         x, x_dot, theta, theta_dot = self.state.unbind(1)
         force = self.forces[actions]  # action 1 pushes right
         costheta, sintheta = torch.cos(theta), torch.sin(theta)
@@ -756,13 +852,13 @@ class TorchCartPole:
         state = self.state + self.tau * torch.stack([x_dot, xacc, theta_dot, thetaacc], dim=1)  # explicit Euler
         terminated = (state[:, 0::2].abs() > self.thresholds).any(dim=1)  # |x| > 2.4 or |theta| > 12 degrees
 
-        reset = self.prev_done  # these envs' episodes ended last step: this step only resets them
-        self.state = torch.where(reset.unsqueeze(1), self._initial_states(), state)
-        self.steps = torch.where(reset, 0, self.steps + 1)
+        reset = self.prev_done.clone()  # these envs' episodes ended last step: this step only resets them
+        self.state.copy_(torch.where(reset.unsqueeze(1), initial_states, state))
+        self.steps.copy_(torch.where(reset, 0, self.steps + 1))
         truncated = self.steps >= self.max_episode_steps  # never on a reset step: its count is 0
         terminated = terminated & ~reset
-        self.prev_done = terminated | truncated
-        return self.state.float(), (~reset).float(), terminated, truncated, {}
+        self.prev_done.copy_(terminated | truncated)
+        return self.state.to(torch.float32, copy=True), (~reset).float(), terminated, truncated, {}
 
     def close(self) -> None:
         pass

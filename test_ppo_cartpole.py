@@ -48,6 +48,11 @@ def machine_without_cuda(request, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
+def uniform_noise(shape, seed):
+    """The noise sample_actions takes: uniform in [0, 1), from a generator of its own."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def small_net(seed=0, obs_dim=4, act_dim=2):
     torch.manual_seed(seed)
     return ppo.ActorCritic(obs_dim, act_dim)
@@ -218,7 +223,7 @@ def test_layers_are_orthogonal_with_the_baselines_gains_and_zero_biases():
 
 def test_sample_actions_follows_softmax_and_matches_categoricals_log_prob():
     logits = torch.tensor([[0.5, -1.0, 2.0]]).expand(200_000, 3)
-    actions, logp = ppo.sample_actions(logits, torch.Generator().manual_seed(0))
+    actions, logp = ppo.sample_actions(logits, uniform_noise(logits.shape, 0))
     frequencies = torch.bincount(actions, minlength=3).float() / len(actions)
     assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.005)
     reference = torch.distributions.Categorical(logits=logits)
@@ -234,17 +239,23 @@ def test_the_model_and_the_policy_helpers_work_over_the_last_axis_of_any_shape()
     reference = torch.distributions.Categorical(logits=logits)
     assert torch.allclose(ppo.logprobs_of(logits, actions), reference.log_prob(actions), atol=1e-6)
     assert torch.allclose(ppo.entropy_of(logits), reference.entropy(), atol=1e-6)
-    sampled, logprobs = ppo.sample_actions(logits, torch.Generator().manual_seed(2))
+    sampled, logprobs = ppo.sample_actions(logits, uniform_noise(logits.shape, 2))
     assert sampled.shape == (5, 3) and torch.allclose(logprobs, reference.log_prob(sampled), atol=1e-6)
 
 
-def test_sampling_draws_only_from_the_generator_it_is_given():
-    logits = torch.zeros(1000, 2)
-    draws = []
+def test_sampling_draws_nothing_and_the_rollout_draws_only_from_its_generator():
+    """sample_actions is a function of its noise alone (a GPU graph can replay it); the collector
+    draws that noise from the generator it is given, never from torch's global RNG."""
+    logits, uniform = torch.zeros(1000, 2), uniform_noise((1000, 2), 7)
+    draws, rollouts = [], []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        draws.append(ppo.sample_actions(logits, torch.Generator().manual_seed(7))[0])
+        draws.append(ppo.sample_actions(logits, uniform)[0])
+        collector = ppo.Collector(ppo.TorchCartPole(4), 16, 0, torch.device("cpu"))
+        rollouts.append(collector.collect(small_net(0), 0.99, torch.Generator().manual_seed(3)).actions.clone())
     assert torch.equal(draws[0], draws[1]) and 0 < draws[0].sum() < 1000
+    assert torch.equal(draws[0], (uniform[:, 1] > uniform[:, 0]).long())  # equal logits: the larger Gumbel wins
+    assert torch.equal(rollouts[0], rollouts[1])
 
 
 # ==== Rollout =====================================================================================
@@ -256,9 +267,9 @@ def test_every_tensor_lands_on_the_device_it_is_given():
     envs = ppo.make_envs("CartPole-v1", 2, meta, vectorization_mode="sync")
     collector = ppo.Collector(envs, 3, 0, meta)  # resets the envs
     stepped = envs.step(torch.zeros(2, dtype=torch.long))
-    actions, logprobs = ppo.sample_actions(torch.zeros(5, 2, device=meta))
+    actions, logprobs = ppo.sample_actions(torch.zeros(5, 2, device=meta), torch.zeros(5, 2, device=meta))
     tensors = [*stepped[:4], actions, logprobs, *(v for v in vars(collector).values() if isinstance(v, torch.Tensor))]
-    assert len(tensors) == 6 + 14 and all(tensor.device == meta for tensor in tensors)
+    assert len(tensors) == 6 + 16 and all(tensor.device == meta for tensor in tensors)
     envs.close()
 
 
@@ -571,7 +582,7 @@ def test_approx_kl_hand_worked_and_unbiased_for_the_true_kl():
     old_logits, new_logits = torch.tensor([0.3, -0.2, 1.0]), torch.tensor([0.0, 0.4, 0.6])
     p_old, p_new = torch.softmax(old_logits, -1), torch.softmax(new_logits, -1)
     true_kl = (p_old * (p_old.log() - p_new.log())).sum().item()
-    actions, old_logp = ppo.sample_actions(old_logits.expand(400_000, 3), torch.Generator().manual_seed(1))
+    actions, old_logp = ppo.sample_actions(old_logits.expand(400_000, 3), uniform_noise((400_000, 3), 1))
     estimate = ppo.approx_kl(ppo.logprobs_of(new_logits.expand(400_000, 3), actions), old_logp).item()
     assert estimate == pytest.approx(true_kl, rel=0.03) and estimate >= 0
 
@@ -605,41 +616,52 @@ def update(rollout, net=None, seed=0, optimizer=None, **kwargs):
 
 RATIOS = [1.5, 0.6, 1.1, 0.9, 1.0, 1.3, 0.7, 1.05, 0.95, 1.25, 0.75, 1.02]  # pi / pi_old of the 12 valid steps
 ADVANTAGES = [1.0, -1.0, 2.0, -0.5, 0.3, -2.0, 1.5, -0.2, 0.8, 0.4, -1.2, 0.1]
+INVALID = [(3, 0), (5, 1), (6, 0), (7, 1)]  # the autoreset steps of hand_made_rollout, (t, env)
 
 
 def hand_made_rollout(net):
-    """A rollout of T=7 x N=2 steps, two of them autoreset steps, whose 12 valid steps have the
-    ratios RATIOS under `net`, advantages ADVANTAGES, and old values and returns chosen so that
-    value clipping matters. obs[..., 0] is each step's index in storage order.
-    Returns (rollout, advantages [T, N], returns [T, N], valid index [12])."""
+    """A rollout of T=8 x N=2 steps, four of them autoreset steps (INVALID), whose 12 valid steps
+    have the ratios RATIOS under `net`, advantages ADVANTAGES, and old values and returns chosen
+    so that value clipping matters. obs[..., 0] is each step's index in storage order plus 1 (so
+    a row the update zeroed reads 0). Returns (rollout, advantages [T, N], returns [T, N], valid
+    index [12])."""
     generator = torch.Generator().manual_seed(0)
-    obs = torch.randn((7, 2, 4), generator=generator)
-    obs[..., 0] = torch.arange(14.0).reshape(7, 2)
-    actions = torch.randint(0, 2, (7, 2), generator=generator)
-    valid = torch.ones(7, 2)
-    valid[3, 0] = valid[5, 1] = 0.0
+    obs = torch.randn((8, 2, 4), generator=generator)
+    obs[..., 0] = torch.arange(1.0, 17.0).reshape(8, 2)
+    actions = torch.randint(0, 2, (8, 2), generator=generator)
+    valid = torch.ones(8, 2)
+    for t, env in INVALID:
+        valid[t, env] = 0.0
     index = valid.flatten().nonzero().squeeze(1)
     with torch.no_grad():
         logits, values = net(obs.flatten(0, 1))
     logprobs = torch.distributions.Categorical(logits=logits).log_prob(actions.flatten())
-    old_logprobs, old_values, advantages, returns = torch.zeros(4, 14)
+    old_logprobs, old_values, advantages, returns = torch.zeros(4, 16)
     old_logprobs[index] = logprobs[index] - torch.log(torch.tensor(RATIOS))
     offsets = torch.tensor([0.5, -0.1, 0.3, -0.6, 0.05, 0.4, -0.3, 0.2, -0.05, 0.7, -0.4, 0.1])  # v_old - v
     old_values[index] = values[index] + offsets
     advantages[index] = torch.tensor(ADVANTAGES)
     returns[index] = old_values[index] + torch.linspace(-2.0, 3.0, 12) ** 2
-    zeros = torch.zeros(7, 2)
-    rollout = ppo.Rollout(obs=obs, actions=actions, logprobs=old_logprobs.reshape(7, 2), rewards=zeros,
-                          values=old_values.reshape(7, 2), dones=zeros, valid=valid, last_value=torch.zeros(2),
+    zeros = torch.zeros(8, 2)
+    rollout = ppo.Rollout(obs=obs, actions=actions, logprobs=old_logprobs.reshape(8, 2), rewards=zeros,
+                          values=old_values.reshape(8, 2), dones=zeros, valid=valid, last_value=torch.zeros(2),
                           ended_returns=zeros, ended_lengths=zeros)
-    return rollout, advantages.reshape(7, 2), returns.reshape(7, 2), index
+    return rollout, advantages.reshape(8, 2), returns.reshape(8, 2), index
+
+
+def seen_steps(net):
+    """Records, per forward pass, the storage indices (obs[..., 0] - 1; -1 for a zeroed row) it saw."""
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append((args[0][:, 0].long() - 1).tolist()))
+    return seen
 
 
 @pytest.mark.parametrize("normalize, scale", [(False, 1.0), (True, 1.0), (True, 1e-8)])
 def test_update_stats_are_the_batch_means_of_each_term_worked_out_in_numpy(normalize, scale):
     """With lr 0 the policy stays pi, so every minibatch's stats are the same per-sample terms:
-    averaged over 2 epochs x 3 equal minibatches, they are their means over the 12 valid steps.
-    Advantages 1e-8 small show the normalisation's epsilon: (A - mean) / (std + 1e-8)."""
+    over 2 epochs x 4 minibatches, each holding a different number of the 12 valid steps, they
+    are their means over those 12. Advantages 1e-8 small show the normalisation's epsilon:
+    (A - mean) / (std + 1e-8)."""
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)
     stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages * scale, returns,
@@ -662,12 +684,13 @@ def test_update_stats_are_the_batch_means_of_each_term_worked_out_in_numpy(norma
         "explained_variance": 1 - np.var(R - old_values) / np.var(R),
     }
     assert {k: stats[k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-12)
-    assert (stats["epochs"], stats["minibatches"], stats["nonfinite"]) == (2, 6, [])
+    assert (stats["epochs"], stats["minibatches"], stats["nonfinite"]) == (2, 8, [])
 
 
 def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical():
-    """One minibatch, plain SGD with lr 1: the parameters move by exactly minus the gradient of
-    L^CLIP + c1 L^VF - c2 H (eq. 9), each term written out here from torch.distributions."""
+    """One minibatch of all 16 steps, plain SGD with lr 1: the parameters move by exactly minus the
+    gradient of L^CLIP + c1 L^VF - c2 H (eq. 9) over the 12 valid steps, each term written out
+    here from torch.distributions."""
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)
     reference = small_net()
@@ -680,7 +703,7 @@ def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical(
     (policy_loss + 0.7 * value_loss - 0.3 * dist.entropy().mean()).backward()
 
     stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=1.0), rollout, advantages, returns,
-                           update_epochs=1, minibatch_size=12, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.3,
+                           update_epochs=1, minibatch_size=16, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.3,
                            value_coef=0.7, generator=torch.Generator().manual_seed(0))
     for stepped, start in zip(net.parameters(), reference.parameters()):
         assert torch.allclose(stepped, start - start.grad, atol=1e-6)
@@ -689,39 +712,46 @@ def test_one_step_follows_the_gradient_of_the_loss_written_out_with_categorical(
     assert logged == pytest.approx((policy_loss.item(), value_loss.item(), dist.entropy().mean().item(), 1))
 
 
-@pytest.mark.parametrize("valid, expected_policy_loss", [([0.0, 1.0, 0.0], -3.0), ([1.0, 1.0, 0.0], 0.0)])
-@pytest.mark.filterwarnings("ignore:var\\(\\)")  # the explained variance of one sample: NaN, as documented
+@pytest.mark.parametrize("valid, expected_policy_loss", [([0.0, 1.0, 0.0, 0.0], -3.0), ([1.0, 1.0, 0.0, 0.0], 0.0)])
 def test_normalising_scales_two_samples_and_leaves_one_alone(valid, expected_policy_loss):
-    """At lr 0 the ratio is 1, so the policy loss -L^CLIP is -mean(advantages): normalised ones have
-    mean 0. A single valid sample has no spread: its advantage stays 3 (dividing by its NaN std
-    would end the run)."""
+    """At lr 0 the ratio is 1, so the policy loss -L^CLIP is -mean(advantages) over the valid
+    steps: normalised ones have mean 0. A single valid sample has no spread: its advantage stays 3
+    (dividing by its NaN std would end the run)."""
     net = small_net()
-    obs = torch.randn((3, 1, 4), generator=torch.Generator().manual_seed(0))
-    actions = torch.zeros((3, 1), dtype=torch.long)
+    obs = torch.randn((4, 1, 4), generator=torch.Generator().manual_seed(0))
+    actions = torch.zeros((4, 1), dtype=torch.long)
     with torch.no_grad():
         logits, values = net(obs)
-    zeros = torch.zeros(3, 1)
+    zeros = torch.zeros(4, 1)
     rollout = ppo.Rollout(obs=obs, actions=actions, logprobs=ppo.logprobs_of(logits, actions), rewards=zeros,
-                          values=values, dones=zeros, valid=torch.tensor(valid).view(3, 1), last_value=torch.zeros(1),
+                          values=values, dones=zeros, valid=torch.tensor(valid).view(4, 1), last_value=torch.zeros(1),
                           ended_returns=zeros, ended_lengths=zeros)
-    advantages = torch.tensor([[1.0], [3.0], [5.0]])
+    advantages = torch.tensor([[1.0], [3.0], [5.0], [7.0]])
     stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages, values + advantages,
-                           update_epochs=1, minibatch_size=2, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
+                           update_epochs=1, minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
                            value_coef=0.5, normalize_advantages=True, generator=torch.Generator().manual_seed(0))
     assert stats["policy_loss"] == pytest.approx(expected_policy_loss, abs=1e-6) and stats["nonfinite"] == []
 
 
-def test_every_epoch_visits_each_valid_step_once_in_a_fresh_order():
+def test_every_epoch_visits_every_step_once_in_a_fresh_order_the_autoreset_ones_zeroed():
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)
-    seen = []
-    net.register_forward_hook(lambda module, args, out: seen.append(args[0][:, 0].long().tolist()))
+    seen = seen_steps(net)
     ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages, returns, update_epochs=3,
                    minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.5,
                    generator=torch.Generator().manual_seed(0))
-    epochs = [sum(seen[i:i + 3], []) for i in (0, 3, 6)]  # 12 valid steps / 4 = 3 minibatches an epoch
-    assert len(seen) == 9 and all(sorted(epoch) == index.tolist() for epoch in epochs)
-    assert len({tuple(epoch) for epoch in epochs + [index.tolist()]}) == 4  # shuffled, and anew each epoch
+    assert len(seen) == 12 and all(len(minibatch) == 4 for minibatch in seen)  # 16 steps / 4 an epoch, 3 epochs
+    epochs = [sum(seen[i:i + 4], []) for i in (0, 4, 8)]
+    assert all(sorted(epoch) == [-1] * 4 + index.tolist() for epoch in epochs)  # the 4 autoreset rows zeroed
+    assert len({tuple(epoch) for epoch in epochs} | {tuple([-1] * 4 + index.tolist())}) == 4  # shuffled anew
+
+
+def test_update_refuses_a_minibatch_size_that_does_not_divide_the_rollout():
+    net = small_net()
+    rollout, advantages, returns, _ = hand_made_rollout(net)
+    with pytest.raises(ValueError, match="minibatch_size 5 does not divide the rollout's 16 steps"):
+        ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages, returns, update_epochs=1,
+                       minibatch_size=5, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.5)
 
 
 class NoStep(torch.optim.SGD):
@@ -735,51 +765,65 @@ class NoStep(torch.optim.SGD):
 
 
 def test_a_non_finite_loss_in_any_minibatch_is_reported_not_only_in_the_last():
-    net = small_net()
-    rollout, advantages, returns, index = hand_made_rollout(net)
-    poisoned = int(index[0])
+    def run(advantages):
+        net = small_net()
+        seen = seen_steps(net)
+        stats = ppo.ppo_update(net, NoStep(net.parameters()), rollout, advantages, returns, update_epochs=1,
+                               minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.5,
+                               generator=torch.Generator().manual_seed(0))
+        return stats, seen
+
+    rollout, advantages, returns, index = hand_made_rollout(small_net())
+    assert run(advantages)[0]["nonfinite"] == []
+    _, seen = run(advantages)
+    poisoned = next(step for step in seen[0] if step >= 0)  # a valid step of the first minibatch
     advantages.view(-1)[poisoned] = float("nan")
-    minibatches = []
-    net.register_forward_hook(lambda module, args, out: minibatches.append(args[0][:, 0].long().tolist()))
-    stats = ppo.ppo_update(net, NoStep(net.parameters()), rollout, advantages, returns, update_epochs=1,
-                           minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.5,
-                           generator=torch.Generator().manual_seed(0))
-    assert poisoned not in minibatches[-1] and any(poisoned in mb for mb in minibatches)  # NaN only mid-update
-    assert stats["nonfinite"] == ["loss", "gradient norm"]
+    stats, seen = run(advantages)
+    assert poisoned not in seen[-1] and stats["nonfinite"] == ["loss", "gradient norm"]
+
+
+def rows_of(seen, index):
+    """The positions in RATIOS (the order of the valid steps) of the storage indices seen."""
+    position = {step: i for i, step in enumerate(index.tolist())}
+    return [position[step] for step in seen if step in position]
 
 
 def test_kl_early_stop_lets_a_kl_at_the_target_through():
     """target_kl stops the update once a minibatch's KL *exceeds* it: with pi == pi_old exactly
     (a zeroed policy head gives every action log 1/2), KL 0 at target 0 still steps once. The logged
-    KL is the mean over both minibatches: 0 and the second's, worked out here from the stepped net."""
+    KL is the mean over the valid steps of both minibatches: 0 on the first's, and the second's
+    worked out here from the stepped net."""
     net = small_net()
     with torch.no_grad():
         net.policy_head.weight.zero_()
         net.policy_head.bias.zero_()
     rollout, advantages, returns, index = hand_made_rollout(net)
     rollout.logprobs.fill_(-math.log(2))
+    seen = seen_steps(net)
     stats = ppo.ppo_update(net, torch.optim.Adam(net.parameters(), lr=1e-2), rollout, advantages, returns,
                            update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
                            value_coef=0.5, target_kl=0.0, generator=torch.Generator().manual_seed(0))
-    assert (stats["minibatches"], stats["epochs"]) == (1, 0)
-    second = index[torch.randperm(12, generator=torch.Generator().manual_seed(0))[4:8]]  # the update's shuffle
+    assert (stats["minibatches"], stats["epochs"], len(seen)) == (1, 0, 2)
+    first, second = (index[rows_of(minibatch, index)] for minibatch in seen)
     with torch.no_grad():
         p = torch.softmax(net(rollout.obs.flatten(0, 1)[second])[0], -1).double().numpy()
-    r = p[np.arange(4), rollout.actions.flatten()[second].numpy()] / 0.5
-    assert stats["approx_kl"] == pytest.approx(np.mean(r - 1 - np.log(r)) / 2, rel=1e-4) and stats["approx_kl"] > 0
+    r = p[np.arange(len(second)), rollout.actions.flatten()[second].numpy()] / 0.5
+    expected = np.sum(r - 1 - np.log(r)) / (len(first) + len(second))
+    assert len(second) > 0 and stats["approx_kl"] == pytest.approx(expected, rel=1e-4) and stats["approx_kl"] > 0
 
 
 def test_a_kl_stop_before_the_first_step_leaves_the_weights_and_logs_only_its_kl():
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)  # RATIOS: pi is already far from pi_old
     before = [p.clone() for p in net.parameters()]
+    seen = seen_steps(net)
     stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=1.0), rollout, advantages, returns,
                            update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0,
                            value_coef=0.5, target_kl=1e-9, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert (stats["minibatches"], stats["epochs"], stats["nonfinite"]) == (0, 0, [])
+    assert (stats["minibatches"], stats["epochs"], stats["nonfinite"], len(seen)) == (0, 0, [], 1)
     assert [stats[k] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction")] == [0.0] * 4
-    r = np.array(RATIOS)[torch.randperm(12, generator=torch.Generator().manual_seed(0))[:4].numpy()]
+    r = np.array(RATIOS)[rows_of(seen[0], index)]
     assert stats["approx_kl"] == pytest.approx(np.mean(r - 1 - np.log(r)), rel=1e-5)  # the KL that stopped it
     R, old_values = returns.flatten()[index].numpy(), rollout.values.flatten()[index].numpy()
     assert stats["explained_variance"] == pytest.approx(1 - np.var(R - old_values) / np.var(R), rel=1e-5)
@@ -796,7 +840,7 @@ def test_normalised_advantages_make_a_solved_policys_small_advantages_as_big_a_s
         net = small_net(0)
         start = net.policy_head.weight.detach().clone()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # SGD: a step proportional to the gradient
-        ppo.ppo_update(net, optimizer, rollout, advantages * scale, returns, update_epochs=1, minibatch_size=1024,
+        ppo.ppo_update(net, optimizer, rollout, advantages * scale, returns, update_epochs=1, minibatch_size=64,
                        clip_eps=0.2, value_clip_eps=None, entropy_coef=0.0, value_coef=0.0,
                        normalize_advantages=normalize, generator=torch.Generator().manual_seed(0))
         return net.policy_head.weight.detach() - start
@@ -807,16 +851,14 @@ def test_normalised_advantages_make_a_solved_policys_small_advantages_as_big_a_s
     assert learning.abs().max() > 1e-4 and torch.allclose(solved, learning / 30, rtol=1e-4, atol=1e-8)
 
 
-def test_update_runs_k_epochs_of_minibatches_that_cover_every_valid_step():
+def test_update_runs_k_epochs_of_equal_minibatches_that_cover_every_step():
     _, _, [rollout] = collect(num_envs=4, num_steps=32)
-    num_valid = int(rollout.valid.sum())
     net = small_net()
     batch_sizes = []
     net.register_forward_hook(lambda module, args, out: batch_sizes.append(len(args[0])))
     _, stats = update(rollout, net=net, minibatch_size=16)
-    num_minibatches = round(num_valid / 16)
-    assert stats["epochs"] == 4 and stats["minibatches"] == 4 * num_minibatches
-    assert sum(batch_sizes) == 4 * num_valid and max(batch_sizes) - min(batch_sizes) <= 1
+    assert stats["epochs"] == 4 and stats["minibatches"] == 4 * 128 // 16
+    assert batch_sizes == [16] * (4 * 128 // 16)  # every one of the T x N = 128 steps, each epoch
 
 
 def test_kl_early_stop_ends_the_update_within_an_epoch():
@@ -829,7 +871,7 @@ def test_kl_early_stop_ends_the_update_within_an_epoch():
     assert stats["minibatches"] > 4
 
 
-def test_update_ignores_the_invalid_autoreset_steps():
+def test_gae_and_the_update_ignore_the_autoreset_steps_rewards_and_values():
     _, _, [rollout] = collect(num_envs=4, num_steps=64)
     invalid = rollout.valid == 0
     assert invalid.any()
@@ -841,6 +883,168 @@ def test_update_ignores_the_invalid_autoreset_steps():
     poisoned_net, _ = update(poisoned)
     for a, b in zip(clean_net.parameters(), poisoned_net.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("poison", ["finite", "nan"])
+def test_the_autoreset_steps_have_no_effect_whatever_they_hold(normalize, poison):
+    """Their obs, actions (in range), old logprobs, old values, advantages and returns set to other
+    finite values, or to NaN: the weights after an update (Adam, clipped values) are identical."""
+    def run(rollout, advantages, returns):
+        net = small_net()
+        stats = ppo.ppo_update(net, torch.optim.Adam(net.parameters(), lr=1e-2), rollout, advantages, returns,
+                               update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=0.2,
+                               entropy_coef=0.01, value_coef=0.5, max_grad_norm=0.5, normalize_advantages=normalize,
+                               generator=torch.Generator().manual_seed(0))
+        return list(net.parameters()), stats
+
+    rollout, advantages, returns, _ = hand_made_rollout(small_net())
+    clean_weights, clean_stats = run(rollout, advantages, returns)
+    invalid = rollout.valid == 0
+    generator = torch.Generator().manual_seed(1)
+
+    def poisoned(x):
+        values = torch.full_like(x, float("nan")) if poison == "nan" else torch.randn(x.shape, generator=generator) * 1e3
+        return torch.where(invalid.view(8, 2, *[1] * (x.dim() - 2)), values, x)
+
+    dirty = ppo.Rollout(**vars(rollout) | dict(
+        obs=poisoned(rollout.obs), logprobs=poisoned(rollout.logprobs), values=poisoned(rollout.values),
+        actions=torch.where(invalid, 1 - rollout.actions, rollout.actions)))
+    dirty_weights, dirty_stats = run(dirty, poisoned(advantages), poisoned(returns))
+    assert all(torch.equal(a, b) for a, b in zip(clean_weights, dirty_weights))
+    assert dirty_stats == clean_stats and clean_stats["nonfinite"] == []
+
+
+def unmasked_update(net, optimizer, rollout, advantages, returns, generator, update_epochs, minibatch_size,
+                    clip_eps, value_coef, entropy_coef, max_grad_norm):
+    """PPO's update written plainly, for a rollout whose every step is valid: shuffled minibatches,
+    eq. (9) from torch.distributions, plain means, no mask anywhere."""
+    obs, actions = rollout.obs.flatten(0, 1), rollout.actions.flatten()
+    old_logprobs, adv, R = rollout.logprobs.flatten(), advantages.flatten(), returns.flatten()
+    permutations = [torch.randperm(len(obs), generator=generator) for _ in range(update_epochs)]
+    for permutation in permutations:
+        for mb in permutation.split(minibatch_size):
+            logits, values = net(obs[mb])
+            dist = torch.distributions.Categorical(logits=logits)
+            ratio = torch.exp(dist.log_prob(actions[mb]) - old_logprobs[mb])
+            policy_loss = -torch.min(ratio * adv[mb], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[mb]).mean()
+            loss = policy_loss + value_coef * 0.5 * ((values - R[mb]) ** 2).mean() - entropy_coef * dist.entropy().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            clip_gradient_norm(net, max_grad_norm)
+            optimizer.step()
+
+
+def clip_gradient_norm(net, max_norm):
+    grads = [p.grad for p in net.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    for g in grads:
+        g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+def test_with_every_step_valid_the_masked_update_equals_one_written_without_a_mask():
+    _, _, [rollout] = collect(num_envs=4, num_steps=16)
+    rollout.valid.fill_(1.0)
+    advantages, returns = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95)
+    nets = [small_net(), small_net()]
+    settings = dict(update_epochs=3, minibatch_size=16, clip_eps=0.2, value_coef=0.5, entropy_coef=0.01,
+                    max_grad_norm=0.5)
+    ppo.ppo_update(nets[0], torch.optim.Adam(nets[0].parameters(), lr=1e-2), rollout, advantages, returns,
+                   value_clip_eps=None, generator=torch.Generator().manual_seed(0), **settings)
+    unmasked_update(nets[1], torch.optim.Adam(nets[1].parameters(), lr=1e-2), rollout, advantages, returns,
+                    torch.Generator().manual_seed(0), **settings)
+    moved = max((a - b).abs().max() for a, b in zip(nets[1].parameters(), small_net().parameters()))
+    assert moved > 1e-2 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(n.parameters() for n in nets)))
+
+
+def test_a_minibatch_without_a_valid_step_has_zero_loss_and_zero_gradient():
+    net = small_net()
+    rollout, advantages, returns, _ = hand_made_rollout(net)
+    mb = torch.tensor([t * 2 + env for t, env in INVALID])
+    flat = [x.flatten(0, 1)[mb] for x in (rollout.obs, rollout.actions, rollout.logprobs, rollout.values,
+                                          advantages, returns)]
+    loss, stats = ppo.minibatch_loss(net, *flat, torch.zeros(4, dtype=torch.bool), clip_eps=0.2, value_clip_eps=0.2,
+                                     value_coef=0.5, entropy_coef=0.01)
+    loss.backward()
+    assert loss.item() == 0.0 and stats.tolist() == [0.0] * 5
+    assert all(p.grad.abs().max() == 0 for p in net.parameters())
+
+
+def test_a_tensor_entropy_coefficient_updates_as_its_float():
+    def run(entropy_coef):
+        net = small_net()
+        rollout, advantages, returns, _ = hand_made_rollout(net)
+        stats = ppo.ppo_update(net, torch.optim.Adam(net.parameters(), lr=1e-2), rollout, advantages, returns,
+                               update_epochs=1, minibatch_size=8, clip_eps=0.2, value_clip_eps=None,
+                               entropy_coef=entropy_coef, value_coef=0.5, generator=torch.Generator().manual_seed(0))
+        return list(net.parameters()), stats
+
+    (as_float, float_stats), (as_tensor, tensor_stats) = run(0.5), run(torch.tensor(0.5))
+    assert all(torch.equal(a, b) for a, b in zip(as_float, as_tensor)) and float_stats == tensor_stats
+    assert not all(torch.equal(a, b) for a, b in zip(as_float, run(0.0)[0]))  # the coefficient matters
+
+
+def test_set_lr_replaces_a_float_lr_and_fills_a_tensor_lr_in_place():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    ppo.set_lr(optimizer, 0.25)
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    lr = torch.tensor(0.1)
+    optimizer = torch.optim.Adam([param], lr=lr, foreach=False)  # a CPU-safe stand-in for capturable CUDA Adam
+    ppo.set_lr(optimizer, 0.25)
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.25
+    param.grad = torch.ones(1)
+    optimizer.step()  # Adam's first step moves each weight by lr
+    assert param.item() == pytest.approx(-0.25)
+
+
+def test_the_minibatch_loss_and_the_rollout_step_trace_whole():
+    """torch.compile(fullgraph=True) raises at any graph break: a host read, a Python branch on a
+    tensor, a draw from a generator. backend="eager" traces without compiling anything."""
+    net = small_net()
+    rollout, advantages, returns, _ = hand_made_rollout(net)
+    valid = rollout.valid.flatten() > 0
+    inputs = [x.flatten(0, 1) for x in (rollout.obs, rollout.actions, rollout.logprobs, rollout.values,
+                                        advantages, returns)] + [valid]
+    settings = dict(clip_eps=0.2, value_clip_eps=0.2, value_coef=0.5, entropy_coef=torch.tensor(0.01))
+    traced = torch.compile(ppo.minibatch_loss, fullgraph=True, backend="eager")(net, *inputs, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(traced, ppo.minibatch_loss(net, *inputs, **settings)))
+
+    collectors = [ppo.Collector(ppo.TorchCartPole(4), 8, 0, torch.device("cpu")) for _ in range(2)]
+    for collector in collectors:
+        collector.uniform.uniform_(generator=torch.Generator().manual_seed(0))
+        collector.envs.draw_initial_states(collector.initial_states)
+    step = torch.compile(collectors[0].step, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        for t in range(8):
+            step(net, t)
+            collectors[1].step(net, t)
+    assert all(torch.equal(a, b) for a, b in zip(vars(collectors[0]).values(), vars(collectors[1]).values())
+               if isinstance(a, torch.Tensor))
+
+
+def test_the_carried_state_and_the_buffers_keep_their_storage_across_steps_and_iterations():
+    """A replayed GPU graph reads and writes the buffers it was captured with: nothing rebound."""
+    envs = ppo.TorchCartPole(4)
+    collector, net = ppo.Collector(envs, 8, 0, torch.device("cpu")), small_net()
+    advantages, returns = torch.zeros(8, 4), torch.zeros(8, 4)
+
+    def storage():
+        tensors = {**{f"collector.{k}": v for k, v in vars(collector).items() if isinstance(v, torch.Tensor)},
+                   **{f"envs.{k}": v for k, v in vars(envs).items() if isinstance(v, torch.Tensor)}}
+        return {name: tensor.data_ptr() for name, tensor in tensors.items()}
+
+    before = storage()
+    assert {"collector.next_obs", "collector.prev_done", "envs.state", "envs.steps", "envs.prev_done"} <= before.keys()
+    for _ in range(3):
+        rollout = collector.collect(net, 0.99, torch.Generator().manual_seed(0))
+        out = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95,
+                              out=(advantages, returns))
+        assert out[0] is advantages and out[1] is returns and storage() == before
+        assert rollout.last_value.data_ptr() == before["collector.last_value"]
+    reference = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95)
+    assert torch.equal(reference[0], advantages) and torch.equal(reference[1], returns)
+    assert rollout.dones.sum() > 0  # episodes ended, and the state carried on through their resets
 
 
 def test_ppo_update_clips_the_gradient_norm_before_the_step():
@@ -902,7 +1106,7 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring
     logprobs, old_logprobs, advantages = torch.randn((3, 6), generator=generator)
     for name, args in [("clipped_surrogate_loss", (logprobs, old_logprobs, advantages, 0.2)),
                        ("value_loss", (logprobs, old_logprobs, advantages, 0.2)), ("approx_kl", (logprobs, old_logprobs))]:
-        loss = getattr(pasted(name, imports="import torch"), name)
+        loss = getattr(pasted("masked_mean", name, imports="import torch"), name)
         assert torch.equal(loss(*args), getattr(ppo, name)(*args)), name
 
     model = pasted("layer_init", "ActorCritic", "sample_actions", "logprobs_of", "entropy_of",
@@ -913,7 +1117,7 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring
     assert all(torch.equal(a, b) for a, b in zip(net(obs), small_net(0)(obs)))
     logits = net(obs)[0]
     assert torch.equal(model.entropy_of(logits), ppo.entropy_of(logits))
-    samples = [m.sample_actions(logits, torch.Generator().manual_seed(1)) for m in (model, ppo)]
+    samples = [m.sample_actions(logits, uniform_noise(logits.shape, 1)) for m in (model, ppo)]
     assert all(torch.equal(a, b) for a, b in zip(*samples))
 
     rollout = pasted("Rollout", "Collector", "sample_actions", "logprobs_of",
@@ -925,8 +1129,8 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring
     assert collected[0].keys() == collected[1].keys()
     assert all(torch.equal(collected[0][k], collected[1][k]) for k in collected[0])
 
-    update = pasted("Rollout", "logprobs_of", "entropy_of", "clipped_surrogate_loss", "value_loss", "approx_kl",
-                    "explained_variance", "ppo_update", imports="from dataclasses import dataclass\nimport math\n"
+    update = pasted("Rollout", "logprobs_of", "entropy_of", "masked_mean", "clipped_surrogate_loss", "value_loss",
+                    "approx_kl", "explained_variance", "minibatch_loss", "ppo_update", imports="from dataclasses import dataclass\nimport math\n"
                     "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F")
     stats = []
     for module in (update, ppo):
@@ -1206,6 +1410,7 @@ BAD_ARGS = [
     (["--episodes", "0"], "--episodes"), (["--iterations", "-3"], "--episodes"),
     (["--num-envs", "0"], "--num-envs"), (["--update-epochs", "0"], "--update-epochs"),
     (["--minibatch-size", "0"], "--minibatch-size"), (["--minibatch-size", "4096"], "--minibatch-size"),
+    (["--minibatch-size", "100"], "--minibatch-size"),  # 1024 / 100: minibatches of two sizes
     (["--buffer-size", "2050"], "--buffer-size"), (["--buffer-size", "0"], "--buffer-size"),
     (["--clip-eps", "0"], "--clip-eps"), (["--clip-eps", "1"], "--clip-eps"),
     (["--gamma", "1.01"], "--gamma"), (["--gamma", "-0.1"], "--gamma"), (["--gae-lambda", "2"], "--gae-lambda"),
@@ -1347,10 +1552,10 @@ def test_bad_values_of_every_kind_are_one_error_line_and_leave_nothing(argv, fla
 def test_memory_refusal_states_the_estimate(capsys, monkeypatch):
     monkeypatch.setattr(ppo, "available_memory", lambda device: 2**30)
     config = ppo.parse_args(["--num-envs", "8", "--buffer-size", "65536", "--minibatch-size", "64"])  # fits in 1 GiB
-    with pytest.raises(SystemExit):  # the rollout's tensors and the update's copies: 132 bytes a step of CartPole
+    with pytest.raises(SystemExit):  # the rollout's tensors and the update's copies: 148 bytes a step of CartPole
         ppo.parse_args(["--num-envs", "8", "--buffer-size", str(2**23), "--minibatch-size", "64"])
     error = capsys.readouterr().err
-    assert re.search(r"argument --buffer-size: .*--num-envs 8 x --buffer-size 8388608 .* need ~1\.0 GiB, "
+    assert re.search(r"argument --buffer-size: .*--num-envs 8 x --buffer-size 8388608 .* need ~1\.2 GiB, "
                      r"cpu has 1\.0 GiB", error), error
     assert config.buffer_size == 65536
 
@@ -1373,7 +1578,8 @@ def check_consistent(config):
         if isinstance(value, float):
             assert math.isfinite(value), field.name
     assert config.num_envs > 0 and config.buffer_size % config.num_envs == 0
-    assert 0 < config.minibatch_size <= config.buffer_size and 0 < config.num_iterations <= 10**9
+    assert 0 < config.minibatch_size <= config.buffer_size and config.buffer_size % config.minibatch_size == 0
+    assert 0 < config.num_iterations <= 10**9
     assert 0 < config.lr and 0 <= config.gamma <= 1 and 0 <= config.gae_lambda <= 1 and 0 < config.clip_eps < 1
     assert 0 <= config.seed < 2**31 and 0 < config.threads and config.env_backend in ("gymnasium", "torch")
     assert config.eval is not None or (config.target_return is not None and Path(config.out_dir).is_dir())

@@ -21,7 +21,7 @@ class ResetEveryRollout(ppo.Collector):
 
     @torch.inference_mode()  # the state it clears was made in inference mode
     def collect(self, net, gamma, generator=None):
-        self.next_obs, _ = self.envs.reset()  # the defect: cuts every running episode
+        self.next_obs.copy_(self.envs.reset()[0])  # the defect: cuts every running episode
         self.prev_done.zero_()
         self.episode_return.zero_()
         self.episode_length.zero_()
