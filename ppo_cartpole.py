@@ -261,7 +261,8 @@ class Collector:
         self.initial_states = None  # [T, N, S]: the states the envs that reset at step t start from
         if hasattr(envs, "draw_initial_states"):
             self.initial_states = torch.zeros(shape + envs.state.shape[1:], dtype=envs.state.dtype, device=device)
-        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)  # the only reset: autoreset does the rest
+        # The only reset: autoreset does the rest. A copy: the buffer is written in place from now on.
+        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)
         self.prev_done = torch.zeros(envs.num_envs, device=device)  # did the episode end on the previous step?
         self.episode_return = torch.zeros(envs.num_envs, device=device)
         self.episode_length = torch.zeros(envs.num_envs, device=device)
@@ -289,10 +290,8 @@ class Collector:
         self.obs[t] = self.next_obs
         logits, self.values[t] = net(self.obs[t])
         self.actions[t], self.logprobs[t] = sample_actions(logits, self.uniform[t])
-        if self.initial_states is None:
-            next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t])
-        else:
-            next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t], self.initial_states[t])
+        resets = () if self.initial_states is None else (self.initial_states[t],)
+        next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t], *resets)
         self.next_obs.copy_(next_obs)
         # Next-step autoreset: if the episode ended on the previous step, this step only reset
         # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
@@ -747,8 +746,8 @@ def check_config(c: Config, obs_dim: int, require) -> None:
     an earlier run, and tensors that fit in memory: per rollout step, the observation twice (the
     collector's and the update's copy), 17 floats (the collector's 8, GAE's 2, the update's 4
     copies, the log's host copy of 3) and 2 + K int64 (the action and its copy, the update's K
-    epochs of permutations, drawn at once); per minibatch sample, the activations autograd keeps (the 64-wide trunk, with
-    gradients). The envs and greedy episodes are bounded by the ranges of their flags."""
+    epochs of permutations, drawn at once); per minibatch sample, the activations autograd keeps
+    (the 64-wide trunk, with gradients). The envs and greedy episodes are bounded by the ranges of their flags."""
     for field in dataclasses.fields(Config):
         value, allowed = getattr(c, field.name), field.metadata.get("allowed")
         flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])

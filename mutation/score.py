@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPLAINED = Path(__file__).resolve().parent / "explained.md"
 MODULE = "ppo_cartpole"
 # Not `option`: it runs only while the module is imported, before mutmut switches a mutant on.
-FUNCTIONS = ["make_envs", "layer_init", "sample_actions", "logprobs_of", "entropy_of", "compute_gae",
-             "clipped_surrogate_loss", "value_loss", "approx_kl", "lr_at", "entropy_coef_at", "ppo_update",
-             "explained_variance", "train"]
+FUNCTIONS = ["make_envs", "layer_init", "sample_actions", "logprobs_of", "entropy_of", "compute_gae", "masked_mean",
+             "clipped_surrogate_loss", "value_loss", "approx_kl", "explained_variance", "lr_at", "set_lr",
+             "entropy_coef_at", "minibatch_loss", "ppo_update", "train"]
 CLASSES = ["NumpyToTorch", "ActorCritic", "Collector", "ReturnTracker", "BestPolicy", "TorchCartPole"]
 PATTERNS = ([f"{MODULE}.x_{name}__mutmut_*" for name in FUNCTIONS]
             + [f"{MODULE}.x\u01c1{name}\u01c1*" for name in CLASSES])  # mutmut names a method xǁClassǁmethod
