@@ -496,20 +496,21 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
         torch.where(valid, x.flatten(), 0) for x in
         (rollout.actions, rollout.logprobs, rollout.values, returns, b_advantages))
 
-    # Every epoch's shuffle drawn up front: [K, T*N] -> [K, minibatches, minibatch_size] indices.
+    # Every epoch's shuffle drawn up front. Each epoch shuffles the batch once and cuts it into
+    # consecutive minibatches: [T*N, ...] -> [T*N / minibatch_size, minibatch_size, ...].
     permutations = torch.stack([torch.randperm(batch_size, device=valid.device, generator=generator)
-                                for _ in range(update_epochs)]).view(update_epochs, -1, minibatch_size)
+                                for _ in range(update_epochs)])  # [K, T*N]
+    batch = (b_obs, b_actions, b_logprobs, b_values, b_advantages, b_returns, valid)
     logged = []  # per minibatch stepped: -L^CLIP, L^VF, entropy, KL, clip fraction, loss, gradient norm, valid count
     kls = []  # (approx KL, valid count) per minibatch, the one that ends the update too
     minibatches = epochs = 0
     kl_stop = False
-    for epoch in permutations:
-        for mb_inds in epoch:
-            loss, stats = minibatch_loss(net, b_obs[mb_inds], b_actions[mb_inds], b_logprobs[mb_inds],
-                                         b_values[mb_inds], b_advantages[mb_inds], b_returns[mb_inds],
-                                         valid[mb_inds], clip_eps=clip_eps, value_clip_eps=value_clip_eps,
+    for permutation in permutations:
+        shuffled = [x[permutation].unflatten(0, (-1, minibatch_size)) for x in batch]
+        counts = shuffled[-1].sum(1, keepdim=True).float()  # [minibatches, 1] valid steps in each
+        for *minibatch, count in zip(*shuffled, counts):
+            loss, stats = minibatch_loss(net, *minibatch, clip_eps=clip_eps, value_clip_eps=value_clip_eps,
                                          value_coef=value_coef, entropy_coef=entropy_coef)
-            count = valid[mb_inds].sum().view(1).float()
             kls.append(torch.cat([stats[3:4], count]))
             if target_kl is not None and stats[3].item() > target_kl:
                 kl_stop = True  # this step would push the policy too far from pi_old: skip it
