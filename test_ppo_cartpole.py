@@ -1001,6 +1001,8 @@ def test_set_lr_replaces_a_float_lr_and_fills_a_tensor_lr_in_place():
 def test_the_minibatch_loss_and_the_rollout_step_trace_whole():
     """torch.compile(fullgraph=True) raises at any graph break: a host read, a Python branch on a
     tensor, a draw from a generator. backend="eager" traces without compiling anything."""
+    if "mutmut" in Path(ppo.__file__).read_text():
+        pytest.skip("mutmut's copy of the script: dynamo cannot trace the wrapper around every function")
     net = small_net()
     rollout, advantages, returns, _ = hand_made_rollout(net)
     valid = rollout.valid.flatten() > 0
