@@ -234,10 +234,10 @@ class Collector:
     rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
 
     Built to be replayed by a GPU (CUDA graphs): `collect` draws the rollout's noise up front (the
-    actions' Gumbel noise; an env with `draw_initial_states`, TorchCartPole, takes its reset states
-    as an input too), then each `step` is tensor work on fixed buffers, written in place, never
-    rebound, and nothing is read on the host (with TorchCartPole). A Rollout holds these buffers:
-    it is valid until the next `collect`.
+    actions' Gumbel noise; and for an env with `draw_initial_states(out)`, a `state` [N, S] and
+    `step(actions, initial_states)`, as TorchCartPole, its reset states too), then each `step` is
+    tensor work on fixed buffers, written in place, never rebound, and nothing is read on the host
+    (with TorchCartPole). A Rollout holds these buffers: it is valid until the next `collect`.
 
     Copy with Rollout, sample_actions and logprobs_of; imports: dataclasses.dataclass, torch,
     torch.nn.functional as F.
@@ -258,7 +258,7 @@ class Collector:
          self.ended_returns, self.ended_lengths) = torch.zeros((8, *shape), device=device)
         self.last_value = torch.zeros(envs.num_envs, device=device)
         self.uniform = torch.zeros(shape + (envs.single_action_space.n,), device=device)  # [T, N, A] action noise
-        self.initial_states = None  # [T, N, S]: the states the envs that reset at step t start from
+        self.initial_states = None  # [T, N, 4]: where the envs that reset at step t start (TorchCartPole)
         if hasattr(envs, "draw_initial_states"):
             self.initial_states = torch.zeros(shape + envs.state.shape[1:], dtype=envs.state.dtype, device=device)
         # The only reset: autoreset does the rest. A copy: the buffer is written in place from now on.
@@ -288,7 +288,8 @@ class Collector:
     def step(self, net: ActorCritic, t: int) -> None:
         """Step t of the rollout: act on next_obs, step the envs, write row t of every buffer."""
         self.obs[t] = self.next_obs
-        logits, self.values[t] = net(self.obs[t])
+        logits, values = net(self.obs[t])
+        self.values[t] = values
         self.actions[t], self.logprobs[t] = sample_actions(logits, self.uniform[t])
         resets = () if self.initial_states is None else (self.initial_states[t],)
         next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t], *resets)
@@ -393,10 +394,9 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
     """1 - Var(target - predicted) / Var(target) over `mask` [B] (default all), a 0-dim tensor (no
     read from the device): 1 = perfect critic, <= 0 = no better than a constant, NaN for a constant
     target or a single sample. Copy with masked_mean; imports: math, torch."""
-    mask = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
 
-    def variance(x):  # unbiased, as torch.var
-        return masked_mean((x - masked_mean(x, mask)) ** 2, mask) * mask.sum() / (mask.sum() - 1)
+    def variance(x):  # biased: the 1/n cancels in the ratio
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
     var_target = variance(target)
     return torch.where(var_target == 0, math.nan, 1 - variance(target - predicted) / var_target)
@@ -422,6 +422,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
     """The post's annealing: explore early, exploit late. Copy alone."""
     return max(floor, initial * (1 - iteration / num_iterations))
+
+
+def count_weighted_mean(rows: torch.Tensor) -> torch.Tensor:
+    """rows [k, width + 1], the last column a count -> [width]: the mean of the rows weighted by
+    their counts (a mean of minibatch means that is the mean over all their samples). Copy alone."""
+    return (rows[:, :-1] * rows[:, -1:]).sum(0) / rows[:, -1].sum().clamp(min=1)
 
 
 def minibatch_loss(net: ActorCritic, obs: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor,
@@ -466,8 +472,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     valid.nonzero(): that would size the batch by the data, read on the host, which a GPU graph
     cannot replay. Their inputs are zeroed too, since a NaN there would reach the gradient as 0 * NaN.
     A minibatch without a valid step has zero loss and gradient: Adam still moves the weights by
-    its decayed momentum, as after any tiny gradient (rare: at most half a rollout's steps can be
-    autoreset steps; skipping it would need a host read).
+    its decayed momentum, as after any tiny gradient. Skipping it would need a host read; at the
+    default sizes it does not happen (256 samples, about 1 in 20 an autoreset step), with
+    minibatches of a few samples it does.
 
     Returns, averaged over the valid samples of the minibatches stepped: the losses, entropy and
     clip fraction; approx KL over those and the one whose KL stopped the update, if one did (as SB3
@@ -476,7 +483,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     all is well). One read from the device per update; `target_kl` adds one per minibatch, the one
     setting whose update a GPU graph cannot replay.
 
-    Copy with Rollout, minibatch_loss and what it travels with, and explained_variance; imports:
+    Copy with Rollout, minibatch_loss and what it travels with, count_weighted_mean and
+    explained_variance; imports:
     math, torch, torch.nn as nn, torch.nn.functional as F.
     """
     valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
@@ -501,18 +509,19 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     permutations = torch.stack([torch.randperm(batch_size, device=valid.device, generator=generator)
                                 for _ in range(update_epochs)])  # [K, T*N]
     batch = (b_obs, b_actions, b_logprobs, b_values, b_advantages, b_returns, valid)
-    logged = []  # per minibatch stepped: -L^CLIP, L^VF, entropy, KL, clip fraction, loss, gradient norm, valid count
-    kls = []  # (approx KL, valid count) per minibatch, the one that ends the update too
+    logged = []  # per minibatch stepped: -L^CLIP, L^VF, entropy, KL, clip fraction, loss, gradient norm; its valid count
+    kls = []  # approx KL per minibatch, the one that ends the update too; its valid count
     minibatches = epochs = 0
     kl_stop = False
     for permutation in permutations:
         shuffled = [x[permutation].unflatten(0, (-1, minibatch_size)) for x in batch]
-        counts = shuffled[-1].sum(1, keepdim=True).float()  # [minibatches, 1] valid steps in each
-        for *minibatch, count in zip(*shuffled, counts):
-            loss, stats = minibatch_loss(net, *minibatch, clip_eps=clip_eps, value_clip_eps=value_clip_eps,
+        for mb_obs, mb_actions, mb_logprobs, mb_values, mb_advantages, mb_returns, mb_valid in zip(*shuffled):
+            loss, stats = minibatch_loss(net, mb_obs, mb_actions, mb_logprobs, mb_values, mb_advantages, mb_returns,
+                                         mb_valid, clip_eps=clip_eps, value_clip_eps=value_clip_eps,
                                          value_coef=value_coef, entropy_coef=entropy_coef)
-            kls.append(torch.cat([stats[3:4], count]))
-            if target_kl is not None and stats[3].item() > target_kl:
+            kl, count = stats[3], mb_valid.float().sum()
+            kls.append(torch.stack([kl, count]))
+            if target_kl is not None and kl.item() > target_kl:
                 kl_stop = True  # this step would push the policy too far from pi_old: skip it
                 break
 
@@ -520,21 +529,16 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)  # inf: measure only
             optimizer.step()
-            logged.append(torch.cat([stats, loss.detach().view(1), grad_norm.view(1), count]))
+            logged.append(torch.cat([stats, torch.stack([loss.detach(), grad_norm, count])]))
             minibatches += 1
         if kl_stop:
             break  # ends the rest of *this* update; the next rollout updates again
         epochs += 1
 
-    def valid_mean(rows: list[torch.Tensor], width: int) -> torch.Tensor:  # [width], weighted by valid counts
-        if not rows:
-            return torch.zeros(width, device=valid.device)
-        rows = torch.stack(rows)
-        return (rows[:, :-1] * rows[:, -1:]).sum(0) / rows[:, -1].sum().clamp(min=1)
-
+    means = count_weighted_mean(torch.stack(logged)) if logged else torch.zeros(7, device=valid.device)
     weights_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
     policy_loss, v_loss, entropy, _, clip_fraction, loss, grad_norm, kl, ev, weights_ok = torch.cat(
-        [valid_mean(logged, 7), valid_mean(kls, 1), explained_variance(b_values, b_returns, valid).view(1),
+        [means, count_weighted_mean(torch.stack(kls)), explained_variance(b_values, b_returns, valid).view(1),
          weights_finite.view(1)]).tolist()
     # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
     nonfinite = [name for name, ok in (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
@@ -574,8 +578,8 @@ def train(config: Config) -> dict:
             with log.timed("collect"):
                 rollout = collector.collect(net, config.gamma, generator)
             # 2. Advantages: GAE along time, per env.
-            compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, config.gamma,
-                        config.gae_lambda, out=(advantages, returns))
+            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
+                                              config.gamma, config.gae_lambda, out=(advantages, returns))
             # 3. Update: K epochs of minibatch SGD on the clipped surrogate, value loss and entropy.
             with log.timed("update"):
                 stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
@@ -698,9 +702,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
     require(config.device != "cuda" or torch.cuda.is_available(), "--device",
             "auto or cpu: CUDA is not available on this machine")
-    obs_dim = check_env(config, require) if config.eval is None else 4  # before resolve, which reads the env's spec
+    obs_dim, act_dim = check_env(config, require) if config.eval is None else (4, 2)  # before resolve, which
+    # reads the env's spec
     config = resolve(config)
-    check_config(config, obs_dim, require)
+    check_config(config, obs_dim, act_dim, require)
     if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
         probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
         made = [folder for folder in probe.parents if not folder.exists()]  # deepest first
@@ -717,8 +722,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return config
 
 
-def check_env(config: Config, require) -> int:
-    """Make the env once to check what PPO here relies on; returns its observation size D."""
+def check_env(config: Config, require) -> tuple[int, int]:
+    """Make the env once to check what PPO here relies on; returns its sizes (D, A)."""
     try:
         spec = env_spec(config.env_id)
         env = gym.make(config.env_id)
@@ -734,7 +739,7 @@ def check_env(config: Config, require) -> int:
             "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
     require(config.target_return is not None or spec.reward_threshold is not None, "--target-return",
             f"given for {config.env_id}, which has no reward_threshold")
-    return observation_space.shape[0]
+    return observation_space.shape[0], action_space.n
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -744,13 +749,15 @@ def in_interval(value: float, interval: str) -> bool:
     return above and (value < high if interval[-1] == ")" else value <= high)
 
 
-def check_config(c: Config, obs_dim: int, require) -> None:
+def check_config(c: Config, obs_dim: int, act_dim: int, require) -> None:
     """Every value of a resolved Config in its range (nan and inf never train), a run folder without
-    an earlier run, and tensors that fit in memory: per rollout step, the observation twice (the
-    collector's and the update's copy), 17 floats (the collector's 8, GAE's 2, the update's 4
-    copies, the log's host copy of 3) and 2 + K int64 (the action and its copy, the update's K
-    epochs of permutations, drawn at once); per minibatch sample, the activations autograd keeps
-    (the 64-wide trunk, with gradients). The envs and greedy episodes are bounded by the ranges of their flags."""
+    an earlier run, and tensors that fit in memory: per rollout step, the observation 3 times (the
+    collector's, the update's masked and shuffled copies), A + 26 floats (the action noise, the
+    collector's 8 and 4 reset-state values, GAE's 2, the update's 5 masked and 4 shuffled copies,
+    the log's host copy of 3), 3 + K int64 (the action, its 2 copies, K epochs of permutations
+    drawn at once) and 2 bools (the valid mask, shuffled); per minibatch sample, the activations
+    autograd keeps (the 64-wide trunk, with gradients). The envs and greedy episodes are bounded
+    by the ranges of their flags."""
     for field in dataclasses.fields(Config):
         value, allowed = getattr(c, field.name), field.metadata.get("allowed")
         flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])
@@ -775,7 +782,7 @@ def check_config(c: Config, obs_dim: int, require) -> None:
         taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv")
                  if (Path(c.out_dir) / name).exists()]
         require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
-    needed = {"--buffer-size": c.buffer_size * (2 * 4 * obs_dim + 17 * 4 + (2 + c.update_epochs) * 8),
+    needed = {"--buffer-size": c.buffer_size * ((3 * obs_dim + act_dim + 26) * 4 + (3 + c.update_epochs) * 8 + 2),
               "--minibatch-size": c.minibatch_size * 64 * 4 * 12}
     available = available_memory(c.device)
     require(sum(needed.values()) <= 0.8 * available, max(needed, key=needed.get),

@@ -246,13 +246,14 @@ def test_the_model_and_the_policy_helpers_work_over_the_last_axis_of_any_shape()
 def test_sampling_draws_nothing_and_the_rollout_draws_only_from_its_generator():
     """sample_actions is a function of its noise alone (a GPU graph can replay it); the collector
     draws that noise from the generator it is given, never from torch's global RNG."""
-    logits, uniform = torch.zeros(1000, 2), uniform_noise((1000, 2), 7)
+    logits, uniform, net = torch.zeros(1000, 2), uniform_noise((1000, 2), 7), small_net(0)
     draws, rollouts = [], []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
         draws.append(ppo.sample_actions(logits, uniform)[0])
         collector = ppo.Collector(ppo.TorchCartPole(4), 16, 0, torch.device("cpu"))
-        rollouts.append(collector.collect(small_net(0), 0.99, torch.Generator().manual_seed(3)).actions.clone())
+        torch.manual_seed(global_seed)
+        rollouts.append(collector.collect(net, 0.99, torch.Generator().manual_seed(3)).actions.clone())
     assert torch.equal(draws[0], draws[1]) and 0 < draws[0].sum() < 1000
     assert torch.equal(draws[0], (uniform[:, 1] > uniform[:, 0]).long())  # equal logits: the larger Gumbel wins
     assert torch.equal(rollouts[0], rollouts[1])
@@ -664,9 +665,11 @@ def test_update_stats_are_the_batch_means_of_each_term_worked_out_in_numpy(norma
     (A - mean) / (std + 1e-8)."""
     net = small_net()
     rollout, advantages, returns, index = hand_made_rollout(net)
+    seen = seen_steps(net)
     stats = ppo.ppo_update(net, torch.optim.SGD(net.parameters(), lr=0.0), rollout, advantages * scale, returns,
                            update_epochs=2, minibatch_size=4, clip_eps=0.2, value_clip_eps=0.2, entropy_coef=0.01,
                            value_coef=0.5, normalize_advantages=normalize, generator=torch.Generator().manual_seed(0))
+    assert len({sum(step >= 0 for step in minibatch) for minibatch in seen}) > 1  # unequal valid counts
     with torch.no_grad():
         logits, values = (x.double().numpy() for x in net(rollout.obs.flatten(0, 1)[index]))
     r, adv = np.array(RATIOS), np.array(ADVANTAGES) * scale
@@ -866,7 +869,7 @@ def test_kl_early_stop_ends_the_update_within_an_epoch():
     _, stats = update(rollout, target_kl=1e-12)
     # Minibatch 1 sees pi == pi_old (KL 0) and steps; minibatch 2's KL is > 1e-12: the update ends.
     assert stats["minibatches"] == 1 and stats["epochs"] == 0
-    assert stats["approx_kl"] > 1e-12 / 2  # the logged KL counts the one that stopped it: mean(0, KL_2)
+    assert stats["approx_kl"] > 0  # the logged KL counts the one that stopped it: 0 and KL_2, weighted
     _, stats = update(rollout, target_kl=None)
     assert stats["minibatches"] > 4
 
@@ -1025,16 +1028,63 @@ def test_the_minibatch_loss_and_the_rollout_step_trace_whole():
                if isinstance(a, torch.Tensor))
 
 
+def test_torch_envs_reset_to_the_states_the_collector_drew_up_front():
+    """Each rollout draws its reset states at once, in the env's dtype, from the env's generator
+    (seeded by the collector's one reset); an env that resets at step t starts from row t."""
+    envs = ppo.TorchCartPole(4, dtype=torch.float64)
+    collector = ppo.Collector(envs, 64, 0, torch.device("cpu"))
+    twin = torch.Generator().manual_seed(0)  # the env's generator after reset(seed=0)
+    torch.empty(4, 4, dtype=torch.float64).uniform_(-0.05, 0.05, generator=twin)  # reset's own draw
+    resets = 0
+    for _ in range(2):
+        rollout = collector.collect(small_net(), 0.99, torch.Generator().manual_seed(0))
+        expected = torch.empty(64, 4, 4, dtype=torch.float64).uniform_(-0.05, 0.05, generator=twin)
+        assert torch.equal(collector.initial_states, expected)
+        next_obs = torch.cat([rollout.obs[1:], collector.next_obs.unsqueeze(0)])  # [T, N, 4]: after step t
+        reset = rollout.valid == 0  # step t only reset the env
+        assert torch.equal(next_obs[reset], expected[reset].float())
+        resets += int(reset.sum())
+    assert resets > 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_cartpole_observations_are_float32_copies_that_later_steps_leave_alone(dtype):
+    envs = ppo.TorchCartPole(3, dtype=dtype)
+    first, _ = envs.reset(seed=0)
+    second = envs.step(torch.tensor([0, 1, 1]))[0]
+    saved = first.clone(), second.clone()
+    envs.step(torch.tensor([1, 0, 1]))
+    assert first.dtype == second.dtype == torch.float32
+    assert torch.equal(first, saved[0]) and torch.equal(second, saved[1]) and not torch.equal(first, second)
+
+
+def test_a_sample_at_the_clip_boundary_is_not_counted_as_clipped():
+    """The clip fraction counts |r - 1| > eps, strictly: pi == pi_old is never clipped, even at eps 0."""
+    net = small_net()
+    obs = torch.randn((6, 4), generator=torch.Generator().manual_seed(0))
+    actions = torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        old_logprobs = ppo.logprobs_of(net(obs)[0], actions)
+    zeros, valid = torch.zeros(6), torch.ones(6, dtype=torch.bool)
+    for clip_eps, fraction in ((0.0, 0.0), (0.2, 0.0)):
+        _, stats = ppo.minibatch_loss(net, obs, actions, old_logprobs, zeros, zeros, zeros, valid, clip_eps=clip_eps,
+                                      value_clip_eps=None, value_coef=0.5, entropy_coef=0.0)
+        assert stats[4].item() == fraction
+    _, stats = ppo.minibatch_loss(net, obs, actions, old_logprobs - 0.5, zeros, zeros, zeros, valid, clip_eps=0.2,
+                                  value_clip_eps=None, value_coef=0.5, entropy_coef=0.0)
+    assert stats[4].item() == 1.0  # r = e^0.5: every sample past 1 + eps
+
+
 def test_the_carried_state_and_the_buffers_keep_their_storage_across_steps_and_iterations():
     """A replayed GPU graph reads and writes the buffers it was captured with: nothing rebound."""
     envs = ppo.TorchCartPole(4)
     collector, net = ppo.Collector(envs, 8, 0, torch.device("cpu")), small_net()
     advantages, returns = torch.zeros(8, 4), torch.zeros(8, 4)
 
-    def storage():
+    def storage():  # the tensor objects and their memory
         tensors = {**{f"collector.{k}": v for k, v in vars(collector).items() if isinstance(v, torch.Tensor)},
                    **{f"envs.{k}": v for k, v in vars(envs).items() if isinstance(v, torch.Tensor)}}
-        return {name: tensor.data_ptr() for name, tensor in tensors.items()}
+        return {name: (tensor, tensor.data_ptr()) for name, tensor in tensors.items()}
 
     before = storage()
     assert {"collector.next_obs", "collector.prev_done", "envs.state", "envs.steps", "envs.prev_done"} <= before.keys()
@@ -1042,8 +1092,10 @@ def test_the_carried_state_and_the_buffers_keep_their_storage_across_steps_and_i
         rollout = collector.collect(net, 0.99, torch.Generator().manual_seed(0))
         out = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95,
                               out=(advantages, returns))
-        assert out[0] is advantages and out[1] is returns and storage() == before
-        assert rollout.last_value.data_ptr() == before["collector.last_value"]
+        after = storage()
+        assert out[0] is advantages and out[1] is returns and after.keys() == before.keys()
+        assert all(after[k][0] is before[k][0] and after[k][1] == before[k][1] for k in before)
+        assert rollout.last_value is before["collector.last_value"][0]
     reference = ppo.compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, 0.99, 0.95)
     assert torch.equal(reference[0], advantages) and torch.equal(reference[1], returns)
     assert rollout.dones.sum() > 0  # episodes ended, and the state carried on through their resets
@@ -1132,7 +1184,8 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_the_imports_its_docstring
     assert all(torch.equal(collected[0][k], collected[1][k]) for k in collected[0])
 
     update = pasted("Rollout", "logprobs_of", "entropy_of", "masked_mean", "clipped_surrogate_loss", "value_loss",
-                    "approx_kl", "explained_variance", "minibatch_loss", "ppo_update", imports="from dataclasses import dataclass\nimport math\n"
+                    "approx_kl", "explained_variance", "minibatch_loss", "count_weighted_mean", "ppo_update",
+                    imports="from dataclasses import dataclass\nimport math\n"
                     "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F")
     stats = []
     for module in (update, ppo):
@@ -1190,17 +1243,28 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
 
 
+def test_the_loop_trains_on_the_advantages_gae_returns_not_only_on_its_out_buffers(tmp_path, monkeypatch):
+    """A GAE that returns fresh tensors and leaves `out` alone (bench/defects.py's variants) trains
+    the same run: the loop reads what compute_gae returns."""
+    real_gae = ppo.compute_gae
+    ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "a")])
+    monkeypatch.setattr(ppo, "compute_gae", lambda *args, out=None: real_gae(*args))
+    ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "b")])
+    assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
+
+
 def test_the_loop_sets_the_scheduled_lr_on_the_optimizer_each_iteration(tmp_path, monkeypatch):
     real_update, seen = ppo.ppo_update, []
 
     def recording_update(net, optimizer, *args, **kwargs):
-        seen.append([group["lr"] for group in optimizer.param_groups])
+        seen.append([group["lr"] for group in optimizer.param_groups] + [float(kwargs["entropy_coef"])])
         return real_update(net, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(ppo, "ppo_update", recording_update)
     ppo.main(QUICK + ["--episodes", "4", "--lr", "0.01", "--entropy-coef", "0.02", "--entropy-floor", "0.006",
                       "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")])
-    assert seen == [[pytest.approx(0.01 * (1 - i / 4))] for i in range(4)]
+    entropy_coefs = [0.02, 0.015, 0.01, 0.006]  # what the update reads, from the tensor filled in place
+    assert seen == [[pytest.approx(0.01 * (1 - i / 4)), pytest.approx(coef)] for i, coef in enumerate(entropy_coefs)]
     metrics = read_csv(tmp_path / "run" / "metrics.csv")  # and metrics.csv logs both schedules
     assert [float(row["lr"]) for row in metrics] == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
     assert [float(row["entropy_coef"]) for row in metrics] == pytest.approx([0.02, 0.015, 0.01, 0.006])
@@ -1295,7 +1359,8 @@ def test_each_update_flag_reaches_the_update(tmp_path):
     argv = QUICK + ["--episodes", "2", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir"]
     ppo.main(argv + [str(tmp_path / "default")])
     default, _ = run_rows(tmp_path / "default")
-    for flags in (["--value-clip-eps", "0.01"], ["--normalize-advantages"], ["--target-kl", "1e-9"]):
+    for flags in (["--value-clip-eps", "0.01"], ["--normalize-advantages"], ["--max-grad-norm", "1e-6"],
+                  ["--target-kl", "1e-9"]):
         ppo.main(argv + [str(tmp_path / flags[0]), *flags])
         metrics, _ = run_rows(tmp_path / flags[0])
         assert [row["value_loss"] for row in metrics] != [row["value_loss"] for row in default], flags
@@ -1554,10 +1619,10 @@ def test_bad_values_of_every_kind_are_one_error_line_and_leave_nothing(argv, fla
 def test_memory_refusal_states_the_estimate(capsys, monkeypatch):
     monkeypatch.setattr(ppo, "available_memory", lambda device: 2**30)
     config = ppo.parse_args(["--num-envs", "8", "--buffer-size", "65536", "--minibatch-size", "64"])  # fits in 1 GiB
-    with pytest.raises(SystemExit):  # the rollout's tensors and the update's copies: 148 bytes a step of CartPole
+    with pytest.raises(SystemExit):  # the rollout's tensors and the update's copies: 218 bytes a step of CartPole
         ppo.parse_args(["--num-envs", "8", "--buffer-size", str(2**23), "--minibatch-size", "64"])
     error = capsys.readouterr().err
-    assert re.search(r"argument --buffer-size: .*--num-envs 8 x --buffer-size 8388608 .* need ~1\.2 GiB, "
+    assert re.search(r"argument --buffer-size: .*--num-envs 8 x --buffer-size 8388608 .* need ~1\.7 GiB, "
                      r"cpu has 1\.0 GiB", error), error
     assert config.buffer_size == 65536
 

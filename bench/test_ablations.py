@@ -4,6 +4,8 @@ Each is checked against an independent computation or against ppo_cartpole.py's 
 on the same data: the variant must differ in exactly the way the post's code did.
 """
 
+import csv
+import json
 import sys
 from pathlib import Path
 
@@ -104,6 +106,25 @@ def test_install_patches_the_module_that_trains(monkeypatch):
     zeros = torch.zeros(2, 2)
     advantages, _ = ppo.compute_gae(zeros, zeros, zeros, torch.tensor([2.0, 4.0]), 0.5, 1.0)  # runs once patched
     assert advantages.flatten().tolist() == [0.1875, 0.375, 0.75, 1.5]
+
+
+def first_losses(run_dir: Path) -> list[str]:
+    with open(run_dir / "metrics.csv") as f:
+        return [row["policy_loss"] + " " + row["value_loss"] for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("name", [name for name, _, _, patch in ablations.VARIANTS if patch])
+def test_every_patched_variant_trains_in_the_loop_and_changes_it(name, tmp_path, monkeypatch):
+    """Each defect swapped into train() runs there, two iterations, and changes its losses (all
+    but truncation as termination, which needs an episode of 500 steps to show)."""
+    for attribute in ("Collector", "compute_gae", "layer_init", "tqdm"):
+        monkeypatch.setattr(ppo, attribute, getattr(ppo, attribute))  # undone after the test
+    ablations.child(ablations.OURS, 1, 2048, str(tmp_path / "ours"))
+    ablations.child(name, 1, 2048, str(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["env_steps"] == 2048 and (tmp_path / "run" / "final.pt").exists()
+    if name != "truncation as termination":
+        assert first_losses(tmp_path / "run") != first_losses(tmp_path / "ours")
 
 
 @pytest.mark.shell
