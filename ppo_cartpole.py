@@ -261,8 +261,8 @@ class Collector:
         self.initial_states = None  # [T, N, 4]: where the envs that reset at step t start (TorchCartPole)
         if hasattr(envs, "draw_initial_states"):
             self.initial_states = torch.zeros(shape + envs.state.shape[1:], dtype=envs.state.dtype, device=device)
-        # The only reset: autoreset does the rest. A copy: the buffer is written in place from now on.
-        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)
+        self.next_obs = torch.zeros((envs.num_envs, *envs.single_observation_space.shape), device=device)
+        self.next_obs.copy_(envs.reset(seed=seed)[0])  # the only reset: autoreset does the rest
         self.prev_done = torch.zeros(envs.num_envs, device=device)  # did the episode end on the previous step?
         self.episode_return = torch.zeros(envs.num_envs, device=device)
         self.episode_length = torch.zeros(envs.num_envs, device=device)

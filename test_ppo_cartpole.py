@@ -1253,6 +1253,19 @@ def test_the_loop_trains_on_the_advantages_gae_returns_not_only_on_its_out_buffe
     assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
 
 
+def test_the_loop_writes_gae_into_the_same_two_buffers_every_iteration(tmp_path, monkeypatch):
+    """A GPU graph replays fixed buffers: compute_gae gets the same `out` tensors each time."""
+    real_gae, outs = ppo.compute_gae, []
+
+    def recording_gae(*args, out=None):
+        outs.append(out)
+        return real_gae(*args, out=out)
+
+    monkeypatch.setattr(ppo, "compute_gae", recording_gae)
+    ppo.main(QUICK + ["--episodes", "3", "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")])
+    assert len(outs) == 3 and outs[0] is not None and all(o[0] is outs[0][0] and o[1] is outs[0][1] for o in outs)
+
+
 def test_the_loop_sets_the_scheduled_lr_on_the_optimizer_each_iteration(tmp_path, monkeypatch):
     real_update, seen = ppo.ppo_update, []
 
