@@ -6,8 +6,9 @@ a boolean-mask index) and torch.nonzero count a call when its caller's frame is 
 (torch's own CPU-side bookkeeping, such as Adam's step counter, is not a device read). Each read
 is charged to the part of the run it happens in: the rollout (`collect`), GAE, the update
 (`ppo_update`), the log's copy of the ended episodes (`finished_episodes`), best.pt's writes
-(`save_checkpoint`, per save, not per step) or the end of the run (`finish`: the final
-evaluation, counted for the whole run). Runs on the CPU, where a read costs nothing, so the counts
+(`save_checkpoint`: best.pt's saves and final.pt's, averaged over the iterations) or the end
+of the run (`finish`: the final evaluation, counted for the whole run); `other` is anything
+else in the script (best.pt's greedy confirmations, off here with --confirm-episodes 0). Runs on the CPU, where a read costs nothing, so the counts
 say what a GPU would wait for.
 
     python bench/host_reads.py                              # this checkout's script

@@ -1,12 +1,14 @@
 """Milliseconds of one PPO update and one rollout at the defaults, on the CPU, 1 torch thread.
 
-A rollout, then an update of it, again and again at lr 1e-9: the weights barely move, so
-versions of the script, or Adam's implementations, are timed on the same kind of work. Medians of --repeats after
+One rollout and its GAE, then again and again an update and a rollout (which refills the
+buffers in place; the advantages stay the first rollout's), at lr 1e-9: the weights barely
+move, so versions of the script, or Adam's implementations, are timed on the same kind of work.
+The script's own Adam choice is not used: --adam picks it. Medians of --repeats after
 10 warm-up rounds. Run the versions one after the other, several times: the machine is shared.
 
     python bench/update_ms.py                                      # this checkout, fused Adam
     python bench/update_ms.py --adam single-tensor                 # torch's default Adam
-    python bench/update_ms.py --script /tmp/before/ppo_cartpole.py # another version
+    python bench/update_ms.py --script /tmp/before/ppo_cartpole.py --adam single-tensor  # another version
 """
 
 import argparse
