@@ -484,8 +484,7 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     setting whose update a GPU graph cannot replay.
 
     Copy with Rollout, minibatch_loss and what it travels with, count_weighted_mean and
-    explained_variance; imports:
-    math, torch, torch.nn as nn, torch.nn.functional as F.
+    explained_variance; imports: math, torch, torch.nn as nn, torch.nn.functional as F.
     """
     valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
     batch_size = valid.numel()
@@ -496,9 +495,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     # SB3), normalised once over the whole batch's valid steps, not per minibatch: one scale for all.
     b_advantages = advantages.flatten()
     if normalize_advantages:  # (one sample has no spread to scale by: left as it is)
-        mean = masked_mean(b_advantages, valid)
-        std = torch.sqrt(masked_mean((b_advantages - mean) ** 2, valid) * valid.sum() / (valid.sum() - 1))
-        b_advantages = torch.where(valid.sum() > 1, (b_advantages - mean) / (std + 1e-8), b_advantages)
+        count, mean = valid.sum(), masked_mean(b_advantages, valid)
+        std = torch.sqrt(masked_mean((b_advantages - mean) ** 2, valid) * count / (count - 1))  # unbiased
+        b_advantages = torch.where(count > 1, (b_advantages - mean) / (std + 1e-8), b_advantages)
     b_obs = torch.where(valid.unsqueeze(1), rollout.obs.flatten(0, 1), 0)  # [T, N, D] -> [T*N, D]
     b_actions, b_logprobs, b_values, b_returns, b_advantages = (
         torch.where(valid, x.flatten(), 0) for x in
@@ -702,8 +701,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
     require(config.device != "cuda" or torch.cuda.is_available(), "--device",
             "auto or cpu: CUDA is not available on this machine")
-    obs_dim, act_dim = check_env(config, require) if config.eval is None else (4, 2)  # before resolve, which
-    # reads the env's spec
+    # Before resolve, which reads the env's spec (--eval trains nothing: CartPole's sizes stand in).
+    obs_dim, act_dim = check_env(config, require) if config.eval is None else (4, 2)
     config = resolve(config)
     check_config(config, obs_dim, act_dim, require)
     if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)

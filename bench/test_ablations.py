@@ -4,7 +4,6 @@ Each is checked against an independent computation or against ppo_cartpole.py's 
 on the same data: the variant must differ in exactly the way the post's code did.
 """
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import ablations  # noqa: E402
 import defects  # noqa: E402
 import ppo_cartpole as ppo  # noqa: E402
-from test_ppo_cartpole import gae_plain_loop  # noqa: E402  (the textbook recursion, one env at a time)
+from test_ppo_cartpole import gae_plain_loop, read_csv  # noqa: E402  (the textbook recursion, one env at a time)
 
 
 def rollouts(collector_class, num_envs=3, num_steps=8, count=6, seed=0, **env_kwargs):
@@ -108,9 +107,8 @@ def test_install_patches_the_module_that_trains(monkeypatch):
     assert advantages.flatten().tolist() == [0.1875, 0.375, 0.75, 1.5]
 
 
-def first_losses(run_dir: Path) -> list[str]:
-    with open(run_dir / "metrics.csv") as f:
-        return [row["policy_loss"] + " " + row["value_loss"] for row in csv.DictReader(f)]
+def losses(run_dir: Path) -> list[tuple[str, str]]:
+    return [(row["policy_loss"], row["value_loss"]) for row in read_csv(run_dir / "metrics.csv")]
 
 
 @pytest.mark.parametrize("name", [name for name, _, _, patch in ablations.VARIANTS if patch])
@@ -124,7 +122,7 @@ def test_every_patched_variant_trains_in_the_loop_and_changes_it(name, tmp_path,
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["env_steps"] == 2048 and (tmp_path / "run" / "final.pt").exists()
     if name != "truncation as termination":
-        assert first_losses(tmp_path / "run") != first_losses(tmp_path / "ours")
+        assert losses(tmp_path / "run") != losses(tmp_path / "ours")
 
 
 @pytest.mark.shell
