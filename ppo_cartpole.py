@@ -1,16 +1,16 @@
 """PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
 
-One file in two parts. First the algorithm, top to bottom in the order it runs: config ->
-environments -> model -> rollout -> advantages (GAE) -> losses -> PPO update -> the training loop.
-Then, after a banner, the machinery of a run. A reader who stops at the banner has read all of PPO.
+One file in two parts. First the algorithm, in the order it runs: config -> environments -> model
+-> rollout -> advantages (GAE) -> losses -> PPO update -> the training loop. Then, after a banner,
+the machinery of a run. A reader who stops at the banner has read all of PPO.
 
-Every function takes what it needs as arguments and returns what it made, so any piece can be
-copied into another project: its docstring says which pieces travel with it and what to import
-(always with `from __future__ import annotations`, as here). Shapes: T = steps per env per
-rollout, N = number of envs, B = a batch of samples, A = number of actions, D = observation size.
+Every function takes what it needs as arguments and returns what it made. A docstring's "Copy with
+...; imports: ..." line names the pieces and imports a copy needs (with `from __future__ import
+annotations`, as here). Shapes: T = steps per env per rollout, N = envs, B = a batch of samples,
+A = actions, D = observation size.
 
 Usage:
-    python ppo_cartpole.py --stop-when-solved       # train with the defaults until solved
+    python ppo_cartpole.py --stop-when-solved              # train with the defaults until solved
     python ppo_cartpole.py --episodes 2000 --device cuda   # on a GPU: CartPole stepped in torch
     python ppo_cartpole.py --eval runs/<run>/best.pt
 """
@@ -44,17 +44,23 @@ from tqdm import tqdm
 # ==== Config ======================================================================================
 
 def option(default, help: str, **flag):
-    """A Config field and its command-line flag in one place: `build_parser` makes the flag from
-    the field's name, type, default and this help text (plus argparse keywords such as choices);
-    `allowed`, an interval such as "(0, 1]", is checked by `check_config` and shown in --help."""
+    """A Config field and its flag in one place: `build_parser` makes the flag from the field's name,
+    type, default and help (plus argparse keywords such as choices); `allowed`, an interval such as
+    "(0, 1]", is checked by `check_config` and shown in --help."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
+# The sizes each backend runs at, for the size flags left out (None in Config). With TorchCartPole on
+# a GPU, thousands of envs cost little more than eight (docs/torch-backend.md).
+BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
+                 "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
 
 
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run. Each field is a flag of the same name: `num_envs` <-> `--num-envs`. A
     None is filled in by `resolve`: the backend's sizes, the env's target return, a fresh run folder.
-    README, "Flags: the post's values and ours", says why ours differ."""
+    README, "Flags: the post's values and ours", says why ours differ from the post's."""
 
     # Environments
     env_id: str = option("CartPole-v1", "gymnasium env id: Discrete actions, a flat Box observation")
@@ -63,15 +69,14 @@ class Config:
     vectorization_mode: str = option("auto", "vector_entry_point = the env's native vector env; sync = "
                                      "SyncVectorEnv; auto = the first if the env has one",
                                      choices=("auto", "sync", "vector_entry_point"))
-    num_envs: int | None = option(None, "N parallel envs (default: 32; torch backend: 1024)", allowed="[1, 65536]")
+    num_envs: int | None = option(None, "N parallel envs", allowed="[1, 65536]")
     # Rollout and update
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
-    buffer_size: int | None = option(None, "transitions per rollout over all envs, T = buffer-size / num-envs: "
-                                     "a multiple of it, T >= 2 (default: 1024; torch backend: 16384)")
-    minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size (default: 256; "
-                                        "torch backend: 2048)")
-    update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 1e6]")
+    buffer_size: int | None = option(None, "transitions per rollout over all envs, a multiple of --num-envs: "
+                                     "T = buffer-size / num-envs >= 2", allowed="[2, 2097152]")
+    minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size")
+    update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 100]")
     lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
     gamma: float = option(0.995, "discount: its horizon, 1 / (1 - gamma) = 200 steps, sees the cart "
@@ -84,8 +89,10 @@ class Config:
     value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old "
                                           "(default: off; the post: 0.2)", allowed="(0, inf)")
     value_coef: float = option(0.5, "weight of the value loss", allowed="[0, inf)")
-    entropy_coef: float = option(0.0, "entropy bonus at the start, annealed linearly ...", allowed="[0, inf)")
-    entropy_floor: float = option(0.0, "... down to this floor", allowed="[0, inf)")
+    entropy_coef: float = option(0.0, "entropy bonus at the start, annealed linearly over the run down to "
+                                 "--entropy-floor", allowed="[0, inf)")
+    entropy_floor: float = option(0.0, "the lowest the annealed entropy bonus (--entropy-coef) goes",
+                                  allowed="[0, inf)")
     max_grad_norm: float | None = option(0.5, "clip the gradient's global norm to this (0 = off)", allowed="[0, inf)")
     target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)",
                                      allowed="(0, inf)")
@@ -151,18 +158,16 @@ class NumpyToTorch(gym.vector.VectorWrapper):
 # ==== Model =======================================================================================
 
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
-    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code). Imports: torch.nn as nn."""
+    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code). Copy alone;
+    imports: torch.nn as nn."""
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
 
 
 class ActorCritic(nn.Module):
-    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head.
-
-    Copy with layer_init, sample_actions, logprobs_of and entropy_of; imports: math, torch,
-    torch.nn as nn, torch.nn.functional as F.
-    """
+    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head. Copy with
+    layer_init; imports: math, torch, torch.nn as nn."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
         super().__init__()
@@ -183,24 +188,25 @@ class ActorCritic(nn.Module):
 def sample_actions(logits: torch.Tensor, uniform: torch.Tensor):
     """logits [..., A], uniform [..., A] noise in [0, 1) -> (actions [...] int64, logprobs [...]).
 
-    Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), the same
-    distribution as torch.distributions.Categorical. Not Categorical: its `sample` takes no
-    generator, so sampling would draw from torch's global RNG and a run's samples would depend on
-    whatever else draws from it. (Its sampler, torch.multinomial, also checks its input on the
-    host: on a GPU, a wait for the device at every step.) The caller draws the noise, from its own
-    generator and up front for a whole rollout: a step that draws nothing can be traced and replayed.
+    Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), as
+    torch.distributions.Categorical draws. Not Categorical: its `sample` takes no generator, so a
+    run's samples would depend on whatever else draws from torch's global RNG, and its sampler
+    checks its input on the host (on a GPU, a wait at every step). The caller draws the noise, up
+    front for a whole rollout: a step that draws nothing can be traced and replayed.
+    Copy with logprobs_of; imports: torch, torch.nn.functional as F.
     """
     actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
     return actions, logprobs_of(logits, actions)
 
 
 def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s): logits [..., A], actions [...] -> [...]."""
+    """log pi(a|s): logits [..., A], actions [...] -> [...]. Copy alone; imports: torch.nn.functional as F."""
     return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last axis: [..., A] -> [...]."""
+    """Entropy of softmax(logits) over the last axis: [..., A] -> [...]. Copy alone; imports:
+    torch.nn.functional as F."""
     logprobs = F.log_softmax(logits, dim=-1)
     return -(logprobs.exp() * logprobs).sum(-1)
 
@@ -210,7 +216,8 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Rollout:
     """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list
-    interleaved the envs, so its GAE mixed them up). Copy with Collector."""
+    interleaved the envs, so its GAE mixed them up). Copy with Collector; imports: dataclasses.dataclass,
+    torch, torch.nn.functional as F."""
 
     obs: torch.Tensor  # [T, N, D]
     actions: torch.Tensor  # [T, N]
@@ -251,17 +258,17 @@ class Collector:
             raise ValueError(f"Collector needs next-step autoreset, got {mode}: make the vector env with "
                              f"autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP")
         self.envs = envs
-        shape = (num_steps, envs.num_envs)  # [T, N]
-        self.obs = torch.zeros(shape + envs.single_observation_space.shape, device=device)
+        shape, obs_shape = (num_steps, envs.num_envs), envs.single_observation_space.shape  # [T, N], [D]
+        self.obs = torch.zeros(shape + obs_shape, device=device)
         self.actions = torch.zeros(shape, dtype=torch.long, device=device)
         (self.logprobs, self.values, self.rewards, self.dones, self.valid, self.truncated_only,
-         self.ended_returns, self.ended_lengths) = torch.zeros((8, *shape), device=device)
+         self.ended_returns, self.ended_lengths) = (torch.zeros(shape, device=device) for _ in range(8))
         self.last_value = torch.zeros(envs.num_envs, device=device)
         self.uniform = torch.zeros(shape + (envs.single_action_space.n,), device=device)  # [T, N, A] action noise
         self.initial_states = None  # [T, N, 4]: where the envs that reset at step t start (TorchCartPole)
         if hasattr(envs, "draw_initial_states"):
             self.initial_states = torch.zeros(shape + envs.state.shape[1:], dtype=envs.state.dtype, device=device)
-        self.next_obs = torch.zeros((envs.num_envs, *envs.single_observation_space.shape), device=device)
+        self.next_obs = torch.zeros((envs.num_envs, *obs_shape), device=device)
         self.next_obs.copy_(envs.reset(seed=seed)[0])  # the only reset: autoreset does the rest
         self.prev_done = torch.zeros(envs.num_envs, device=device)  # did the episode end on the previous step?
         self.episode_return = torch.zeros(envs.num_envs, device=device)
@@ -355,13 +362,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
 
 
-def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                           clip_eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old. Inputs [B]; the
-    mean is over `mask` (default all). The min makes it a pessimistic bound: for A > 0 the ratio's
-    gain stops at 1+eps, for A < 0 at 1-eps, and those clipped samples contribute no gradient.
-    Copy with masked_mean; imports: torch."""
-    ratio = torch.exp(logprobs - old_logprobs)
+def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old [B], advantages [B];
+    the mean is over `mask` (default all). The min makes it a pessimistic bound: for A > 0 the
+    ratio's gain stops at 1+eps, for A < 0 at 1-eps, and those clipped samples contribute no
+    gradient. Copy with masked_mean; imports: torch."""
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
     return -masked_mean(torch.min(unclipped, clipped), mask)
@@ -372,8 +378,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """0.5 * mean((v - R)^2); with clip_eps, the post's clipped form (eq. 9's L^VF, clipped as in
     the baselines code): 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)),
     v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B]; the mean is over `mask` (default
-    all). Copy with masked_mean; imports: torch.
-    """
+    all). Copy with masked_mean; imports: torch."""
     unclipped = (values - returns) ** 2
     if clip_eps is None:
         return 0.5 * masked_mean(unclipped, mask)
@@ -381,12 +386,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.max(unclipped, (values_clipped - returns) ** 2), mask)
 
 
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(pi_old || pi) estimated as mean((r - 1) - log r), r = pi/pi_old, on samples from pi_old:
-    the "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020), unbiased, never negative,
-    lower variance than mean(-log r). CleanRL and SB3 log the same. Inputs [B]; the mean is over
-    `mask` (default all). Copy with masked_mean; imports: torch."""
-    log_ratio = logprobs - old_logprobs
+def approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(pi_old || pi) estimated as mean((r - 1) - log r) from log r = log pi - log pi_old [B], on
+    samples from pi_old: the "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020),
+    unbiased, never negative, lower variance than mean(-log r). The mean is over `mask` (default
+    all). Copy with masked_mean; imports: torch."""
     return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
 
 
@@ -411,7 +415,8 @@ def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Sets every param group's lr: a float is replaced, a tensor lr (what a captured GPU graph of
-    Adam(capturable=True) reads) is filled in place, so the graph sees the new value. Copy alone."""
+    Adam(capturable=True) reads) is filled in place, so the graph sees the new value. Copy alone;
+    imports: torch."""
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
@@ -439,19 +444,19 @@ def minibatch_loss(net: ActorCritic, obs: torch.Tensor, actions: torch.Tensor, o
     (loss, stats [5]: -L^CLIP, L^VF, entropy, approx KL, clip fraction), all on the device: tensor
     work only, no host read, no Python branch on a tensor, so a GPU graph can replay it.
 
-    Copy with logprobs_of, entropy_of, masked_mean and the three losses; imports: torch,
-    torch.nn.functional as F.
+    Copy with logprobs_of, entropy_of, masked_mean, clipped_surrogate_loss, value_loss and approx_kl;
+    imports: torch, torch.nn.functional as F.
     """
     logits, values = net(obs)
-    logprobs = logprobs_of(logits, actions)
-    policy_loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages, clip_eps, valid)
+    log_ratio = logprobs_of(logits, actions) - old_logprobs
+    ratio = torch.exp(log_ratio)  # r = pi / pi_old
+    policy_loss = clipped_surrogate_loss(ratio, advantages, clip_eps, valid)
     v_loss = value_loss(values, old_values, returns, value_clip_eps, valid)
     entropy = masked_mean(entropy_of(logits), valid)
     loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
     with torch.no_grad():
-        kl = approx_kl(logprobs, old_logprobs, valid)
-        clip_fraction = masked_mean(((torch.exp(logprobs - old_logprobs) - 1).abs() > clip_eps).float(), valid)
-        stats = torch.stack([policy_loss, v_loss, entropy, kl, clip_fraction])
+        clip_fraction = masked_mean(((ratio - 1).abs() > clip_eps).float(), valid)
+        stats = torch.stack([policy_loss, v_loss, entropy, approx_kl(log_ratio, valid), clip_fraction])
     return loss, stats
 
 
@@ -468,23 +473,21 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     update ends.
 
     Every one of the T * N steps enters each epoch's permutation, so every minibatch has the same
-    shape; the autoreset steps (rollout.valid 0) weigh 0 in every mean. A mask, not indexing by
-    valid.nonzero(): that would size the batch by the data, read on the host, which a GPU graph
-    cannot replay. Their inputs are zeroed too, since a NaN there would reach the gradient as 0 * NaN.
-    A minibatch without a valid step has zero loss and gradient: Adam still moves the weights by
-    its decayed momentum, as after any tiny gradient. Skipping it would need a host read; at the
-    default sizes it does not happen (256 samples, about 1 in 20 an autoreset step), with
-    minibatches of a few samples it does.
+    shape; the autoreset steps (rollout.valid 0) weigh 0 in every mean, their inputs zeroed (a NaN
+    there would reach the gradient as 0 * NaN). A mask, not indexing by valid.nonzero(): that would
+    size the batch by the data, read on the host, which a GPU graph cannot replay. A minibatch
+    without a valid step has zero loss and gradient (Adam still moves the weights by its momentum);
+    at the default sizes it does not happen.
 
     Returns, averaged over the valid samples of the minibatches stepped: the losses, entropy and
     clip fraction; approx KL over those and the one whose KL stopped the update, if one did (as SB3
     logs it); the explained variance of V_old; epochs completed and minibatches run; and
     `nonfinite`: which of "loss", "gradient norm", "parameters" went NaN or infinite (empty when
-    all is well). One read from the device per update; `target_kl` adds one per minibatch, the one
-    setting whose update a GPU graph cannot replay.
+    all is well). One read from the device per update; `target_kl` adds one per minibatch.
 
-    Copy with Rollout, minibatch_loss and what it travels with, count_weighted_mean and
-    explained_variance; imports: math, torch, torch.nn as nn, torch.nn.functional as F.
+    Copy with Rollout, minibatch_loss (and what it travels with), count_weighted_mean and
+    explained_variance; imports: dataclasses.dataclass, math, torch, torch.nn as nn,
+    torch.nn.functional as F.
     """
     valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
     batch_size = valid.numel()
@@ -549,9 +552,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 # ==== The training loop ===========================================================================
 
 def train(config: Config) -> dict:
-    """Train PPO as configured, write the run folder, return the summary (also summary.json).
-    Ctrl-C (or SIGTERM, which main turns into the same KeyboardInterrupt) ends the loop early, and so
-    does a NaN or infinite loss, gradient norm or parameter; the files are written all the same."""
+    """Train PPO as configured, write the run folder, return the summary (also summary.json). Ctrl-C
+    (or SIGTERM, which main turns into an Interrupted) ends the loop early, and so does a NaN or
+    infinite loss, gradient norm or parameter; the files are written all the same."""
     config = resolve(config)
     device = torch.device(config.device)
     torch.set_num_threads(config.threads)
@@ -566,6 +569,9 @@ def train(config: Config) -> dict:
     advantages, returns = torch.zeros_like(collector.rewards), torch.zeros_like(collector.rewards)  # [T, N]
     entropy_coef = torch.zeros((), device=device)  # set in place, never rebound: a GPU graph reads it there
     log = RunLog(config)
+    best = BestPolicy(log.out_dir / "best.pt", config.env_id, config.confirm_episodes,
+                      config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config))
+    signal_name = divergence = None  # why the run ended early, if it did
     bar = tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
     try:
         for iteration in bar:
@@ -587,218 +593,38 @@ def train(config: Config) -> dict:
                                    value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
                                    target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
                                    generator=generator)
-            # 4. Log: episodes, metrics and best.pt. Stop on divergence, or once solved if asked to.
-            log.record(iteration, rollout, stats, net, lr=lr, entropy_coef=coef)
+            # 4. Log the episodes that ended: their returns, EMA, last-100 mean, and the solve.
+            ended = log.episodes(iteration, rollout)
+            solved = log.tracker.solved_at_step is not None
+            # 5. best.pt's turn: a new best of the EMA, confirmed greedily; once solved, every iteration
+            #    until a saved policy plays the target. Never a NaN policy: best.pt keeps the last finite one.
+            saved = False
+            if stats["nonfinite"]:
+                divergence = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
+                print(f"\ndiverged at {divergence}; stopping. Try a lower --lr (now {lr:g}) or gradient clipping "
+                      f"(--max-grad-norm 0.5).", file=sys.stderr)
+            else:
+                saved = best.consider(net, log.tracker.ema, always=solved and best.confirmed < config.target_return)
+            log.metrics(iteration, stats, episodes=ended, best_confirmed_return=best.confirmed,
+                        best_saved=int(saved), lr=lr, entropy_coef=coef)
             bar.set_postfix(log.progress, refresh=False)
-            if log.diverged or (config.stop_when_solved and log.solved_and_confirmed()):
+            # 6. Stop on divergence; or, if asked to, once solved and best.pt plays the target (or confirms nothing).
+            played = best.confirmed >= config.target_return or not config.confirm_episodes
+            if divergence or (config.stop_when_solved and solved and played):
                 break
     except KeyboardInterrupt as exc:
-        log.interrupted = exc.args[0] if exc.args else "SIGINT"
-        print(f"\n{log.interrupted}: writing final.pt, metrics, plot and summary", file=sys.stderr)
+        signal_name = getattr(exc, "signal_name", "SIGINT")
+        print(f"\n{signal_name}: writing final.pt, metrics, plot and summary", file=sys.stderr)
     finally:
         bar.close()
         envs.close()
-    return log.finish(net)
+    return finish_run(config, log, best, net, signal_name=signal_name, divergence=divergence)
 
 
 # ##################################################################################################
-#   PPO ends above. What follows is the machinery of a run: settings, CartPole in torch,
-#   checkpoints, the choice of best.pt, the run log, plot, GIF, evaluation and main.
+#   PPO ends above. What follows is the machinery of a run: CartPole in torch, the command line,
+#   files and checkpoints, tracking (returns, best.pt, the run log), greedy play, the plot and main.
 # ##################################################################################################
-
-
-# ==== Settings: backend sizes, resolve, flags, validation =========================================
-
-# The sizes a backend runs at unless given. With TorchCartPole on a GPU, thousands of envs cost little
-# more than eight, and 256-sample minibatches would mean hundreds of steps per rollout (docs/torch-backend.md).
-BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
-                 "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
-# The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did,
-# with its defects fixed.
-POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
-                 "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --normalize-advantages --entropy-coef 0.02 "
-                 "--entropy-floor 0.001 --value-clip-eps 0.2 --max-grad-norm 0")
-
-EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
-CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both (seeds < 2**31)
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def default_out_dir(env_id: str, seed: int) -> str:
-    """A fresh folder per run: runs/<env>__seed<seed>__<date-time>."""
-    return f"runs/{env_id}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
-    """gym.spec of any id gym.make takes, "my_module:MyEnv-v0" too: gym.make imports my_module
-    first (where MyEnv-v0 is registered), gym.spec doesn't."""
-    module, _, name = env_id.rpartition(":")
-    if module:
-        importlib.import_module(module)
-    return gym.spec(name)
-
-
-def resolve(config: Config) -> Config:
-    """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
-    the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
-    asked for); the backend's sizes where None; max_grad_norm 0 -> None. Training only: the env's
-    reward_threshold as target_return where None, and a fresh runs/... folder as out_dir where None.
-    """
-    device = resolve_device(config.device)
-    backend = config.env_backend
-    if backend == "auto":
-        on_device = device.type == "cuda" and config.env_id == "CartPole-v1" and config.vectorization_mode == "auto"
-        backend = "torch" if on_device else "gymnasium"
-    sizes = {name: value for name, value in BACKEND_SIZES[backend].items() if getattr(config, name) is None}
-    resolved = dataclasses.replace(config, device=device.type, env_backend=backend, **sizes,
-                                   max_grad_norm=config.max_grad_norm or None)
-    if config.eval is not None:  # --eval reads the env from the checkpoint and writes beside it
-        return resolved
-    target_return = config.target_return
-    if target_return is None:
-        target_return = env_spec(config.env_id).reward_threshold
-    return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return),
-                               out_dir=config.out_dir or default_out_dir(config.env_id, config.seed))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per Config field, named after it (`num_envs` -> `--num-envs`), with its help and
-    default; a bool field gets --flag / --no-flag."""
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s [options]  (all of them: --help)",  # one line above an error, not all the flags
-        description="PPO for gymnasium's CartPole-v1, in one readable file.",
-        epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
-    types = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
-        flag = dict(field.metadata)
-        names = ["--" + field.name.replace("_", "-"), *flag.pop("aliases", ())]
-        kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
-        if field.default is not None:
-            flag["help"] += f" (default: {field.default})"
-        if "allowed" in flag:
-            flag["help"] += f" (allowed: {flag.pop('allowed')})"
-        if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default, **flag)
-        else:
-            parser.add_argument(*names, type=kind, default=field.default, **flag)
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a resolved, checked Config, its run folder made. A bad value exits with status 2 and
-    one `error:` line (after argparse's usage line) naming the flag and what it allows."""
-    parser = build_parser()
-    config = Config(**vars(parser.parse_args(argv)))
-
-    def require(ok: bool, flag: str, allowed: str) -> None:
-        if not ok:
-            parser.error(f"argument {flag}: must be {allowed}")
-
-    require(config.device != "cuda" or torch.cuda.is_available(), "--device",
-            "auto or cpu: CUDA is not available on this machine")
-    # Before resolve, which reads the env's spec (--eval trains nothing: CartPole's sizes stand in).
-    obs_dim, act_dim = check_env(config, require) if config.eval is None else (4, 2)
-    config = resolve(config)
-    check_config(config, obs_dim, act_dim, require)
-    if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
-        probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
-        made = [folder for folder in probe.parents if not folder.exists()]  # deepest first
-        try:  # the proof that the run folder can be made and written to: do it
-            probe.parent.mkdir(parents=True, exist_ok=True)
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            for folder in made:  # a refused run leaves nothing behind
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            require(False, "--out-dir", f"a folder that can be made and written to ({probe.parent}: "
-                    f"{exc.strerror or exc})")
-    return config
-
-
-def check_env(config: Config, require) -> tuple[int, int]:
-    """Make the env once to check what PPO here relies on; returns its sizes (D, A)."""
-    try:
-        spec = env_spec(config.env_id)
-        env = gym.make(config.env_id)
-    except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
-        require(False, "--env-id", f"an env gymnasium can make: {config.env_id!r}: {exc}")
-    action_space, observation_space = env.action_space, env.observation_space
-    env.close()
-    require(isinstance(action_space, gym.spaces.Discrete), "--env-id",
-            f"an env with a Discrete action space ({config.env_id} has {action_space})")
-    require(isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
-            "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
-    require(config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
-            "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
-    require(config.target_return is not None or spec.reward_threshold is not None, "--target-return",
-            f"given for {config.env_id}, which has no reward_threshold")
-    return observation_space.shape[0], action_space.n
-
-
-def in_interval(value: float, interval: str) -> bool:
-    """Whether value lies in an interval written as in maths: "(0, 1]" excludes 0, includes 1."""
-    low, high = (float(end) for end in interval[1:-1].split(","))
-    above = low < value if interval[0] == "(" else low <= value
-    return above and (value < high if interval[-1] == ")" else value <= high)
-
-
-def check_config(c: Config, obs_dim: int, act_dim: int, require) -> None:
-    """Every value of a resolved Config in its range (nan and inf never train), a run folder without
-    an earlier run, and tensors that fit in memory: per rollout step, the observation 3 times (the
-    collector's, the update's masked and shuffled copies), A + 26 floats (the action noise, the
-    collector's 8 and 4 reset-state values, GAE's 2, the update's 5 masked and 4 shuffled copies,
-    the log's host copy of 3), 3 + K int64 (the action, its 2 copies, K epochs of permutations
-    drawn at once) and 2 bools (the valid mask, shuffled); per minibatch sample, the activations
-    autograd keeps (the 64-wide trunk, with gradients). The envs and greedy episodes are bounded
-    by the ranges of their flags."""
-    for field in dataclasses.fields(Config):
-        value, allowed = getattr(c, field.name), field.metadata.get("allowed")
-        flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])
-        if isinstance(value, float):  # what torch computes in: a finite float32
-            require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")
-        if allowed and value is not None:
-            require(in_interval(value, allowed), flag, f"in {allowed}, got {value}")
-    if c.env_backend == "torch":
-        require(c.env_id == "CartPole-v1", "--env-backend",
-                f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
-        require(c.vectorization_mode == "auto", "--vectorization-mode",
-                "left out with --env-backend torch, which steps its own vectorised CartPole")
-    # T >= 2: a rollout of T = 1 can be all autoreset steps, which leaves nothing to learn from
-    require(c.buffer_size >= 2 * c.num_envs and c.buffer_size % c.num_envs == 0, "--buffer-size",
-            f"a multiple of --num-envs ({c.num_envs}), 2 steps per env or more, got {c.buffer_size}")
-    # Every minibatch the same size, so a GPU can replay the update's steps (ppo_update)
-    require(0 < c.minibatch_size <= c.buffer_size and c.buffer_size % c.minibatch_size == 0, "--minibatch-size",
-            f"a divisor of --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
-    cores = os.cpu_count() or 1
-    require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
-    if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
-        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv")
-                 if (Path(c.out_dir) / name).exists()]
-        require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
-    needed = {"--buffer-size": c.buffer_size * ((3 * obs_dim + act_dim + 26) * 4 + (3 + c.update_epochs) * 8 + 2),
-              "--minibatch-size": c.minibatch_size * 64 * 4 * 12}
-    available = available_memory(c.device)
-    require(sum(needed.values()) <= 0.8 * available, max(needed, key=needed.get),
-            f"smaller: --num-envs {c.num_envs} x --buffer-size {c.buffer_size} x --minibatch-size {c.minibatch_size} "
-            f"need ~{sum(needed.values()) / 2**30:.1f} GiB, {c.device} has {available / 2**30:.1f} GiB available")
-
-
-def available_memory(device: str) -> int:
-    """Free bytes: the GPU's on cuda; else MemAvailable from /proc/meminfo, or all physical memory."""
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:  # no /proc (macOS), or not readable
-        lines = []
-    line = next((line for line in lines if line.startswith("MemAvailable:")), None)
-    return int(line.split()[1]) * 1024 if line else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # ==== CartPole in torch: thousands of envs on the device ==========================================
@@ -808,11 +634,11 @@ class TorchCartPole:
     with the same physics (explicit Euler), strict thresholds, rewards, time limit (500: terminated
     and truncated can both be true then), initial states and next-step autoreset. Gymnasium keeps
     the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12). Observations are
-    float32; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read, and set in place. Nothing
-    here synchronises with the host: a step resets by torch.where from a full [N, 4] batch of
-    initial states, its argument (Collector draws a rollout's at once) or else drawn then. The
+    float32 copies; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set in place.
+    Nothing here synchronises with the host: a step resets by torch.where from a full [N, 4] batch
+    of initial states, its argument (Collector draws a rollout's at once) or else drawn then. The
     carried state (`state`, `steps`, `prev_done`) is updated in place, so a replayed GPU graph of
-    `step` carries it on; each observation returned is a fresh copy.
+    `step` carries it on.
     """
 
     gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
@@ -872,11 +698,182 @@ class TorchCartPole:
         pass
 
 
-# ==== Checkpoints =================================================================================
+# ==== The command line: flags, resolve, validation ================================================
 
-class CheckpointError(Exception):
-    """A checkpoint that is missing, corrupt, or not one of this script's."""
+# The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did,
+# with its defects fixed.
+POST_SETTINGS = ("--vectorization-mode sync --num-envs 8 --buffer-size 2048 --minibatch-size 64 --update-epochs 4 "
+                 "--lr 1e-4 --no-anneal-lr --gamma 0.99 --gae-lambda 0.95 --normalize-advantages --entropy-coef 0.02 "
+                 "--entropy-floor 0.001 --value-clip-eps 0.2 --max-grad-norm 0")
+EVAL_SEED_OFFSET = 10_000  # final evaluation: seeds apart from training's
+CONFIRM_SEED_OFFSET = 20_000  # greedy check of best.pt candidates: apart from both (seeds < 2**31)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
+
+class UsageError(Exception):
+    """The user's mistake, for one flag: main prints it as one `error:` line and exits 2."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"argument {flag}: {message}")
+
+
+def require(ok: bool, flag: str, allowed: str) -> None:
+    """Raise a UsageError saying what `flag` must be, unless ok."""
+    if not ok:
+        raise UsageError(flag, f"must be {allowed}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def default_out_dir(env_id: str, seed: int) -> str:
+    """A fresh folder per run: runs/<env>__seed<seed>__<date-time>."""
+    return f"runs/{env_id}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """gym.spec of any id gym.make takes, "my_module:MyEnv-v0" too: gym.make imports my_module
+    first (where MyEnv-v0 is registered), gym.spec doesn't."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    return gym.spec(name)
+
+
+def resolve(config: Config) -> Config:
+    """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
+    the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
+    asked for); the backend's sizes where None; max_grad_norm 0 -> None. Training only: the env's
+    reward_threshold as target_return where None, and a fresh runs/... folder as out_dir where None.
+    """
+    device = resolve_device(config.device)
+    backend = config.env_backend
+    if backend == "auto":
+        on_device = device.type == "cuda" and config.env_id == "CartPole-v1" and config.vectorization_mode == "auto"
+        backend = "torch" if on_device else "gymnasium"
+    sizes = {name: value for name, value in BACKEND_SIZES[backend].items() if getattr(config, name) is None}
+    resolved = dataclasses.replace(config, device=device.type, env_backend=backend, **sizes,
+                                   max_grad_norm=config.max_grad_norm or None)
+    if config.eval is not None:  # --eval reads the env from the checkpoint and writes beside it
+        return resolved
+    target_return = config.target_return
+    if target_return is None:
+        target_return = env_spec(config.env_id).reward_threshold
+    return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return),
+                               out_dir=config.out_dir or default_out_dir(config.env_id, config.seed))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field, named after it (`num_envs` -> `--num-envs`), with its help and
+    default (a size's from BACKEND_SIZES); a bool field gets --flag / --no-flag."""
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options]  (all of them: --help)",  # one line above an error, not all the flags
+        description="PPO for gymnasium's CartPole-v1, in one readable file.",
+        epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
+    types = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        flag = dict(field.metadata)
+        names = ["--" + field.name.replace("_", "-"), *flag.pop("aliases", ())]
+        kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
+        if field.name in BACKEND_SIZES["gymnasium"]:
+            flag["help"] += " (default: {}; torch backend: {})".format(*(BACKEND_SIZES[b][field.name]
+                                                                          for b in ("gymnasium", "torch")))
+        elif field.default is not None:
+            flag["help"] += f" (default: {field.default})"
+        if "allowed" in flag:
+            flag["help"] += f" (allowed: {flag.pop('allowed')})"
+        if kind is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default, **flag)
+        else:
+            parser.add_argument(*names, type=kind, default=field.default, **flag)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """argv -> a resolved, checked Config, its run folder made. argparse's own errors (an unknown
+    flag, a value of the wrong type) exit 2 there; a value out of range raises UsageError."""
+    config = Config(**vars(build_parser().parse_args(argv)))
+    require(config.device != "cuda" or torch.cuda.is_available(), "--device",
+            "auto or cpu: CUDA is not available on this machine")
+    # Before resolve, which reads the env's spec (--eval trains nothing: CartPole's sizes stand in).
+    obs_dim, act_dim = check_env(config) if config.eval is None else (4, 2)
+    config = resolve(config)
+    check_config(config)
+    if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
+        probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
+        made = [folder for folder in probe.parents if not folder.exists()]  # deepest first
+        try:  # the proof that the run folder can be made and written to: do it
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            for folder in made:  # a refused run leaves nothing behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            require(False, "--out-dir", f"a folder that can be made and written to ({probe.parent}: "
+                    f"{exc.strerror or exc})")
+    return config
+
+
+def check_env(config: Config) -> tuple[int, int]:
+    """Make the env once to check what PPO here relies on; returns its sizes (D, A)."""
+    try:
+        spec = env_spec(config.env_id)
+        env = gym.make(config.env_id)
+    except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
+        raise UsageError("--env-id", f"must be an env gymnasium can make: {config.env_id!r}: {exc}") from None
+    action_space, observation_space = env.action_space, env.observation_space
+    env.close()
+    require(isinstance(action_space, gym.spaces.Discrete), "--env-id",
+            f"an env with a Discrete action space ({config.env_id} has {action_space})")
+    require(isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
+            "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
+    require(config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
+            "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
+    require(config.target_return is not None or spec.reward_threshold is not None, "--target-return",
+            f"given for {config.env_id}, which has no reward_threshold")
+    return observation_space.shape[0], action_space.n
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written as in maths: "(0, 1]" excludes 0, includes 1."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = low < value if interval[0] == "(" else low <= value
+    return above and (value < high if interval[-1] == ")" else value <= high)
+
+
+def check_config(c: Config) -> None:
+    """Every value of a resolved Config in its range (nan and inf never train; the sizes' upper
+    bounds keep a rollout and its update within a few GB) and a run folder without an earlier run."""
+    for field in dataclasses.fields(Config):
+        value, allowed = getattr(c, field.name), field.metadata.get("allowed")
+        flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])
+        if isinstance(value, float):  # what torch computes in: a finite float32
+            require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")
+        if allowed and value is not None:
+            require(in_interval(value, allowed), flag, f"in {allowed}, got {value}")
+    if c.env_backend == "torch":
+        require(c.env_id == "CartPole-v1", "--env-backend",
+                f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
+        require(c.vectorization_mode == "auto", "--vectorization-mode",
+                "left out with --env-backend torch, which steps its own vectorised CartPole")
+    # T >= 2: a rollout of T = 1 can be all autoreset steps, which leaves nothing to learn from
+    require(c.buffer_size >= 2 * c.num_envs and c.buffer_size % c.num_envs == 0, "--buffer-size",
+            f"a multiple of --num-envs ({c.num_envs}), 2 steps per env or more, got {c.buffer_size}")
+    # Every minibatch the same size, so a GPU can replay the update's steps (ppo_update)
+    require(0 < c.minibatch_size <= c.buffer_size and c.buffer_size % c.minibatch_size == 0, "--minibatch-size",
+            f"a divisor of --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
+    cores = os.cpu_count() or 1
+    require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
+    if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
+        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv")
+                 if (Path(c.out_dir) / name).exists()]
+        require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
+
+
+# ==== Files: atomic writes and checkpoints ========================================================
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temp file in path's folder, then os.replace it onto path: a crash or
@@ -902,89 +899,31 @@ def save_checkpoint(path: str | os.PathLike, net: ActorCritic, config: dict) -> 
 
 
 def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ActorCritic, dict]:
-    """Checkpoint -> (net in eval mode, config dict). weights_only=True: loading runs no pickled code."""
+    """Checkpoint -> (net in eval mode, config dict). weights_only=True: loading runs no pickled code.
+    A file that is missing, corrupt or not one of this script's raises UsageError (for --eval)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # missing, a folder, corrupt, or pickled code that weights_only refuses
         reason = getattr(exc, "strerror", None)
-        raise CheckpointError(f"{path}: {reason.lower() if reason else 'not a readable checkpoint'} "
-                              f"({type(exc).__name__})") from None
+        raise UsageError("--eval", f"{path}: {reason.lower() if reason else 'not a readable checkpoint'} "
+                         f"({type(exc).__name__})") from None
     if not (isinstance(checkpoint, dict) and {"state_dict", "model", "config"} <= checkpoint.keys()):
-        raise CheckpointError(f"{path}: not a checkpoint of ppo_cartpole.py (keys missing)")
+        raise UsageError("--eval", f"{path}: not a checkpoint of ppo_cartpole.py (keys missing)")
     try:
         net = ActorCritic(**checkpoint["model"])
         net.load_state_dict(checkpoint["state_dict"])
     except (TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from None
+        raise UsageError("--eval", f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from None
     return net.to(device).eval(), checkpoint["config"]
 
 
-# ==== The best policy =============================================================================
-
-class BestPolicy:
-    """Keeps best.pt, the policy to deploy. A candidate is a new best of the EMA of returns above
-    the saved policy's greedy score. The EMA mixes the returns of several recent policy versions, so
-    the weights at its peak need not play well themselves (the post saved them unchecked): a
-    candidate is saved only if `confirm_episodes` greedy episodes (run at once, on `seed`) score at
-    least as well as the saved policy did. confirm_episodes = 0 is the post's rule: save at every
-    new EMA best, unchecked.
-    """
-
-    def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
-        self.path, self.env_id, self.confirm_episodes, self.seed, self.config = \
-            Path(path), env_id, confirm_episodes, seed, config
-        self.best_ema = self.confirmed = -math.inf  # confirmed: the saved policy's greedy score
-        self.seconds = 0.0  # spent in greedy checks
-
-    def consider(self, net: ActorCritic, ema: float | None, always: bool = False) -> bool:
-        """ema: the EMA of returns now (None before any episode); always: check net whatever the EMA
-        (with confirm_episodes = 0, only while nothing is saved). Returns whether best.pt was written."""
-        new_best_ema = ema is not None and ema > self.best_ema
-        if new_best_ema:
-            self.best_ema = ema
-        if self.confirm_episodes == 0:  # the post's rule: every new EMA best, unchecked
-            if not (new_best_ema or (always and self.confirmed == -math.inf)):
-                return False
-            self.confirmed = self.best_ema
-        else:
-            if not (always or (new_best_ema and ema > self.confirmed)):
-                return False
-            t0 = time.perf_counter()
-            score = float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
-            self.seconds += time.perf_counter() - t0
-            if score < self.confirmed:
-                return False
-            self.confirmed = score
-        save_checkpoint(self.path, net, self.config)
-        return True
-
-
-# ==== The run log: episodes, returns, metrics, progress, summary ==================================
-
-METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
-                 "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
-                 "explained_variance", "epochs", "minibatches", "episodes", "last_return",
-                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return", "best_saved"]
-EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
-
-
-def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The episodes that ended in a rollout: (returns [E], lengths [E], end steps [E]) on the host.
-
-    One device-to-host copy per rollout. Ordered by end step, ties by env index (row-major [T, N]).
-    End steps count env steps into the rollout: N per time step.
-    """
-    dones, returns, lengths = torch.stack([rollout.dones, rollout.ended_returns, rollout.ended_lengths]).cpu().numpy()
-    ended = dones > 0  # [T, N]
-    time_index = np.nonzero(ended)[0]
-    return returns[ended], lengths[ended].astype(np.int64), (time_index + 1) * dones.shape[1]
-
+# ==== Tracking: returns, best.pt, the run log, the end of a run ===================================
 
 class ReturnTracker:
     """Streams true episode returns: their EMA, the last-`window` mean, the success rate, and
     "solved": the first episode at which the last-`window` mean reaches the target (CartPole-v1:
-    475 over 100; the post's bar was 200, CartPole-v0's). When one iteration ends `window` or more
-    episodes, they are judged together by their mean: docs/torch-backend.md says why.
+    475 over 100). When one iteration ends `window` or more episodes, they are judged together by
+    their mean: docs/torch-backend.md says why.
     """
 
     def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
@@ -1024,34 +963,73 @@ class ReturnTracker:
         return sum(r >= self.target_return for r in self.recent) / len(self.recent) if self.recent else float("nan")
 
 
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-            "numpy": np.__version__}
+class BestPolicy:
+    """Keeps best.pt, the policy to deploy. A candidate is a new best of the EMA of returns above
+    the saved policy's score, or any policy when `consider` is told `always`; it is saved if its
+    score is at least the saved one's. The score: the mean of `confirm_episodes` greedy episodes
+    (run at once, on `seed`), since the EMA mixes several recent policy versions and the weights at
+    its peak need not play well themselves (the post saved them unchecked). confirm_episodes = 0 is
+    the post's rule: the score is the EMA itself, and only at a new best of it.
+    """
+
+    def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
+        self.path, self.env_id, self.confirm_episodes, self.seed, self.config = \
+            Path(path), env_id, confirm_episodes, seed, config
+        self.best_ema = self.confirmed = -math.inf  # confirmed: the saved policy's score
+        self.seconds = 0.0  # spent in greedy checks
+
+    def consider(self, net: ActorCritic, ema: float | None, always: bool = False) -> bool:
+        """ema: the EMA of returns now (None before any episode). Returns whether best.pt was written."""
+        new_best_ema = ema is not None and ema > self.best_ema
+        self.best_ema = ema if new_best_ema else self.best_ema
+        if not (always or (new_best_ema and ema > self.confirmed)):
+            return False
+        if self.confirm_episodes:
+            t0 = time.perf_counter()
+            score = float(evaluate(net, self.env_id, self.confirm_episodes, self.seed).mean())
+            self.seconds += time.perf_counter() - t0
+        else:
+            score = ema if new_best_ema else -math.inf
+        if score < self.confirmed:
+            return False
+        self.confirmed = score
+        save_checkpoint(self.path, net, self.config)
+        return True
+
+
+METRIC_FIELDS = ["iteration", "env_steps", "seconds", "steps_per_second", "lr", "entropy_coef",
+                 "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
+                 "explained_variance", "epochs", "minibatches", "episodes", "last_return",
+                 "ema_return", "mean100_return", "success_rate", "best_confirmed_return", "best_saved"]
+EPISODE_FIELDS = ["env_step", "seconds", "return", "length", "ema_return", "mean100_return", "success_rate"]
+
+
+def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The episodes that ended in a rollout: (returns [E], lengths [E], end steps [E]) on the host,
+    in one device-to-host copy. Ordered by end step, ties by env index (row-major [T, N]). End
+    steps count env steps into the rollout: N per time step."""
+    dones, returns, lengths = torch.stack([rollout.dones, rollout.ended_returns, rollout.ended_lengths]).cpu().numpy()
+    ended = dones > 0  # [T, N]
+    time_index = np.nonzero(ended)[0]
+    return returns[ended], lengths[ended].astype(np.int64), (time_index + 1) * dones.shape[1]
 
 
 class RunLog:
-    """What a run records around the algorithm: episodes.csv and metrics.csv (a row per episode and
-    per iteration, appended as they come), the returns, best.pt, the progress bar's numbers and the
-    time spent collecting and updating; at the end final.pt, the evaluation, summary.json, the plot
-    and the GIF. config: a resolved Config (see `resolve`).
-    """
+    """episodes.csv and metrics.csv, a row per episode and per iteration, appended as they come (each
+    file whole after every iteration); the returns in them (a ReturnTracker); the progress bar's
+    numbers and the time spent collecting and updating. config: a resolved Config."""
 
     def __init__(self, config: Config):
         self.config, self.out_dir, self.start = config, Path(config.out_dir), time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.config_dict = dataclasses.asdict(config)  # checkpoints carry it as plain values
         self.tracker = ReturnTracker(config.ema_alpha, config.target_return)
-        self.best = BestPolicy(self.out_dir / "best.pt", config.env_id, config.confirm_episodes,
-                               config.seed + CONFIRM_SEED_OFFSET, self.config_dict)
         self.seconds = {"collect": 0.0, "update": 0.0}
         self.fields = {"episodes": EPISODE_FIELDS, "metrics": METRIC_FIELDS}
         self.rows: dict[str, list[dict]] = {name: [] for name in self.fields}  # as in episodes.csv and metrics.csv
         for name, fields in self.fields.items():
             with open(self.out_dir / f"{name}.csv", "w", newline="") as f:
                 csv.DictWriter(f, fields).writeheader()
-        self.env_steps, self.progress = 0, {}  # progress: the progress bar's numbers
-        self.interrupted: str | None = None  # the signal that ended the run early, if one did
-        self.diverged: str | None = None  # what went non-finite, and when, if anything did
+        self.env_steps, self.progress = 0, {}
         self.solved_at_seconds = self.solved_at_iteration = None
         settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"
         print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
@@ -1066,90 +1044,139 @@ class RunLog:
         self.seconds[part] += time.perf_counter() - t0
 
     def write(self, name: str, rows: list[dict]) -> None:
-        """Appends the rows to name.csv, which is whole after every iteration, and keeps them."""
+        """Appends the rows to name.csv and keeps them."""
         with open(self.out_dir / f"{name}.csv", "a", newline="") as f:
             csv.DictWriter(f, self.fields[name]).writerows(rows)
         self.rows[name] += rows
 
-    def record(self, iteration: int, rollout: Rollout, stats: dict, net: ActorCritic, **schedules) -> None:
-        """One iteration's episodes and metrics row, and best.pt's turn."""
-        config, tracker, best = self.config, self.tracker, self.best
+    def episodes(self, iteration: int, rollout: Rollout) -> int:
+        """The episodes that ended in the rollout, into the tracker and episodes.csv; returns how many."""
         now = time.perf_counter() - self.start
-        seconds = round(now, 3)
         returns, lengths, end_steps = finished_episodes(rollout)
         end_steps += self.env_steps
-        after_each = tracker.add_iteration(returns, end_steps)  # (EMA, last-100 mean, success rate) after each
-        self.write("episodes", [dict(zip(EPISODE_FIELDS, (end, seconds, episode_return, length, *after)))
+        after_each = self.tracker.add_iteration(returns, end_steps)  # (EMA, last-100 mean, success rate) after each
+        self.write("episodes", [dict(zip(EPISODE_FIELDS, (end, round(now, 3), episode_return, length, *after)))
                                 for episode_return, length, end, after
                                 in zip(returns.tolist(), lengths.tolist(), end_steps.tolist(), after_each)])
-        self.env_steps += config.buffer_size
-        if tracker.solved_at_step is not None and self.solved_at_seconds is None:
+        self.env_steps += self.config.buffer_size
+        if self.tracker.solved_at_step is not None and self.solved_at_seconds is None:
             self.solved_at_seconds, self.solved_at_iteration = now, iteration
-        saved = False
-        if stats["nonfinite"]:  # a NaN policy is never a candidate: best.pt keeps the last finite one
-            self.diverged = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
-            print(f"\ndiverged at {self.diverged}; stopping. Try a lower --lr (now {schedules.get('lr', config.lr):g}) "
-                  f"or gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
-        else:  # once solved, check the weights every iteration until a saved policy plays the target greedily
-            saved = best.consider(net, tracker.ema, always=tracker.solved_at_step is not None
-                                  and config.confirm_episodes > 0 and best.confirmed < config.target_return)
-        episodes = self.rows["episodes"]
-        row = dict(
-            iteration=iteration, env_steps=self.env_steps, seconds=seconds, **schedules,
-            steps_per_second=round(self.env_steps / now), **{k: stats[k] for k in METRIC_FIELDS if k in stats},
-            episodes=len(returns), last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
-            mean100_return=tracker.mean_recent, success_rate=tracker.success_rate,
-            best_confirmed_return=best.confirmed, best_saved=int(saved))
+        return len(returns)
+
+    def metrics(self, iteration: int, stats: dict, **columns) -> None:
+        """The iteration's row of metrics.csv: ppo_update's stats, the returns, and `columns`."""
+        tracker, episodes, now = self.tracker, self.rows["episodes"], time.perf_counter() - self.start
+        row = dict(iteration=iteration, env_steps=self.env_steps, seconds=round(now, 3),
+                   steps_per_second=round(self.env_steps / now), **{k: stats[k] for k in METRIC_FIELDS if k in stats},
+                   last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
+                   mean100_return=tracker.mean_recent, success_rate=tracker.success_rate, **columns)
         self.write("metrics", [row])
         self.progress = dict(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
                              mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"])
 
-    def solved_and_confirmed(self) -> bool:
-        """Solved, and a saved best.pt has played the target greedily (or nothing is confirmed)."""
-        return self.tracker.solved_at_step is not None and (
-            self.best.confirmed >= self.config.target_return or not self.config.confirm_episodes)
 
-    def finish(self, net: ActorCritic) -> dict:
-        """final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation,
-        summary.json, the plot and the GIF. Returns the summary. After a signal the greedy check
-        and evaluation, which can take long, are skipped: the user asked to stop."""
-        config, tracker, best, out_dir = self.config, self.tracker, self.best, self.out_dir
-        if self.diverged is None:  # non-finite weights are neither final.pt nor a best.pt candidate
-            save_checkpoint(out_dir / "final.pt", net, self.config_dict)
-            if self.interrupted is None:
-                best.consider(net, tracker.ema, always=True)  # the final weights are a candidate too
-        # No best.pt if the run diverged before any policy was saved.
-        best_net = load_agent(out_dir / "best.pt", config.device)[0] if (out_dir / "best.pt").exists() else None
-        evaluated = best_net is not None and self.interrupted is None
-        returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET) \
-            if evaluated else None
-        seconds, collect_seconds = time.perf_counter() - self.start, self.seconds["collect"]
-        summary = dict(
-            solved_at_step=tracker.solved_at_step, solved_at_seconds=self.solved_at_seconds,
-            solved_at_iteration=self.solved_at_iteration, best_ema_return=best.best_ema if self.rows["episodes"] else None,
-            best_confirmed_return=best.confirmed if math.isfinite(best.confirmed) else None,
-            eval_return_mean=float(returns.mean()) if evaluated else None,
-            eval_return_std=float(returns.std()) if evaluated else None, eval_episodes=len(returns) if evaluated else 0,
-            env_steps=self.env_steps, iterations=len(self.rows["metrics"]), episodes=len(self.rows["episodes"]),
-            seconds=seconds, steps_per_second=self.env_steps / seconds, collect_seconds=collect_seconds,
-            update_seconds=self.seconds["update"],
-            collect_steps_per_second=self.env_steps / collect_seconds if collect_seconds else None,
-            confirm_seconds=best.seconds, interrupted=self.interrupted is not None, signal=self.interrupted,
-            diverged=self.diverged is not None,
-            divergence=self.diverged, out_dir=str(out_dir), device=config.device, torch_threads=torch.get_num_threads(),
-            versions=versions(), config=self.config_dict)
-        atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
-        if config.plot:
-            plot_training(self.rows["episodes"], self.rows["metrics"], config.target_return, out_dir / "training.png",
-                          tracker.solved_at_step, config.target_kl)
-        if config.gif and best_net is not None:
-            render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
-        solved = (f"solved at step {tracker.solved_at_step} ({self.solved_at_seconds:.1f} s)"
-                  if tracker.solved_at_step is not None else "diverged" if self.diverged else "not solved")
-        played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
-                  f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
-        print(f"{solved}; {played}; {self.env_steps} steps in {seconds:.1f} s -> {out_dir}")
-        return summary
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+            "numpy": np.__version__}
+
+
+def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, *,
+               signal_name: str | None = None, divergence: str | None = None) -> dict:
+    """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
+    evaluation, summary.json, the plot and the GIF; returns the summary. After a signal the greedy
+    check and evaluation, which can take long, are skipped: the user asked to stop. After a
+    divergence the non-finite weights are neither final.pt nor a candidate."""
+    out_dir, tracker = log.out_dir, log.tracker
+    if divergence is None:
+        save_checkpoint(out_dir / "final.pt", net, best.config)
+        if signal_name is None:
+            best.consider(net, tracker.ema, always=True)
+    best_net = load_agent(out_dir / "best.pt", config.device)[0] if (out_dir / "best.pt").exists() else None
+    evaluated = best_net is not None and signal_name is None  # (no best.pt: diverged before any save)
+    returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET) \
+        if evaluated else None
+    seconds, collect_seconds = time.perf_counter() - log.start, log.seconds["collect"]
+    summary = dict(
+        solved_at_step=tracker.solved_at_step, solved_at_seconds=log.solved_at_seconds,
+        solved_at_iteration=log.solved_at_iteration, best_ema_return=best.best_ema if log.rows["episodes"] else None,
+        best_confirmed_return=best.confirmed if math.isfinite(best.confirmed) else None,
+        eval_return_mean=float(returns.mean()) if evaluated else None,
+        eval_return_std=float(returns.std()) if evaluated else None, eval_episodes=len(returns) if evaluated else 0,
+        env_steps=log.env_steps, iterations=len(log.rows["metrics"]), episodes=len(log.rows["episodes"]),
+        seconds=seconds, steps_per_second=log.env_steps / seconds, collect_seconds=collect_seconds,
+        update_seconds=log.seconds["update"],
+        collect_steps_per_second=log.env_steps / collect_seconds if collect_seconds else None,
+        confirm_seconds=best.seconds, signal=signal_name, divergence=divergence, out_dir=str(out_dir),
+        device=config.device, torch_threads=torch.get_num_threads(), versions=versions(), config=best.config)
+    atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    if config.plot:
+        plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return, out_dir / "training.png",
+                      tracker.solved_at_step, config.target_kl)
+    if config.gif and best_net is not None:
+        render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
+    solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
+              if tracker.solved_at_step is not None else "diverged" if divergence else "not solved")
+    played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
+              f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
+    print(f"{solved}; {played}; {log.env_steps} steps in {seconds:.1f} s -> {out_dir}")
+    return summary
+
+
+# ==== Greedy play: evaluation and the GIF =========================================================
+
+def greedy_actions(net: ActorCritic, obs) -> torch.Tensor:
+    """obs [..., D], numpy or torch -> the most likely actions [...] on net's device: the policy as deployed."""
+    with torch.inference_mode():
+        logits, _ = net(torch.as_tensor(obs, dtype=torch.float32, device=next(net.parameters()).device))
+    return logits.argmax(-1)
+
+
+def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
+    """Greedy returns [episodes] of `episodes` episodes, one per env of a vector env, run at once;
+    pass seeds apart from training's. Next-step autoreset starts a second episode in an env that
+    finished early: `finished` masks it out."""
+    envs = gym.make_vec(env_id, num_envs=episodes)  # the env's native vector env when it has one
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(episodes)
+    finished = np.zeros(episodes, dtype=bool)
+    try:
+        while not finished.all():
+            obs, reward, terminated, truncated, _ = envs.step(greedy_actions(net, obs).cpu().numpy())
+            returns += np.where(finished, 0.0, reward)
+            finished |= terminated | truncated
+    finally:
+        envs.close()
+    return returns
+
+
+def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int = 2,
+               scale: float = 0.5, max_steps: int = 500) -> int:
+    """One greedy episode rendered to an animated GIF with Pillow; returns the episode's return.
+    Every `frame_skip`-th frame, downscaled by `scale`, keeps the file small and quick to write."""
+    from PIL import Image
+
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders offscreen, no display needed
+    env = gym.make(env_id, render_mode="rgb_array")
+    obs, _ = env.reset(seed=seed)
+    frames, total = [], 0.0
+    try:
+        for step in range(max_steps):
+            if step % frame_skip == 0:
+                frames.append(env.render())
+            obs, reward, terminated, truncated, _ = env.step(int(greedy_actions(net, obs)))
+            total += float(reward)
+            if terminated or truncated:
+                break
+        frames.append(env.render())
+    finally:
+        env.close()
+    height, width = frames[0].shape[:2]
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    images = [Image.fromarray(frame).resize(size, Image.BILINEAR) for frame in frames]
+    frame_ms = round(1000 * frame_skip / env.metadata.get("render_fps", 50))
+    atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True,
+                                                append_images=images[1:], duration=frame_ms, loop=0))
+    return int(total)
 
 
 # ==== Plot ========================================================================================
@@ -1268,64 +1295,6 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     return fig
 
 
-# ==== GIF =========================================================================================
-
-def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int = 2,
-               scale: float = 0.5, max_steps: int = 500) -> int:
-    """One greedy episode rendered to an animated GIF with Pillow; returns the episode's return.
-    Every `frame_skip`-th frame, downscaled by `scale`, keeps the file small and quick to write."""
-    from PIL import Image
-
-    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders offscreen, no display needed
-    device = next(net.parameters()).device
-    env = gym.make(env_id, render_mode="rgb_array")
-    obs, _ = env.reset(seed=seed)
-    frames, total = [], 0.0
-    try:
-        for step in range(max_steps):
-            if step % frame_skip == 0:
-                frames.append(env.render())
-            with torch.inference_mode():
-                logits, _ = net(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
-            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax(-1)))  # greedy
-            total += float(reward)
-            if terminated or truncated:
-                break
-        frames.append(env.render())
-    finally:
-        env.close()
-    height, width = frames[0].shape[:2]
-    size = (max(1, int(width * scale)), max(1, int(height * scale)))
-    images = [Image.fromarray(frame).resize(size, Image.BILINEAR) for frame in frames]
-    frame_ms = round(1000 * frame_skip / env.metadata.get("render_fps", 50))
-    atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True,
-                                                append_images=images[1:], duration=frame_ms, loop=0))
-    return int(total)
-
-
-# ==== Evaluation ==================================================================================
-
-def evaluate(net: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
-    """Greedy (argmax) returns [episodes] of `episodes` episodes, one per env of a vector env, run at
-    once; pass seeds apart from training's. Next-step autoreset starts a second episode in an env
-    that finished early: `finished` masks it out."""
-    device = next(net.parameters()).device
-    envs = gym.make_vec(env_id, num_envs=episodes)  # the env's native vector env when it has one
-    obs, _ = envs.reset(seed=seed)
-    returns = np.zeros(episodes)
-    finished = np.zeros(episodes, dtype=bool)
-    try:
-        while not finished.all():
-            with torch.inference_mode():
-                logits, _ = net(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            obs, reward, terminated, truncated, _ = envs.step(logits.argmax(-1).cpu().numpy())
-            returns += np.where(finished, 0.0, reward)
-            finished |= terminated | truncated
-    finally:
-        envs.close()
-    return returns
-
-
 # ==== Main ========================================================================================
 
 def run_eval(config: Config) -> None:
@@ -1339,7 +1308,7 @@ def run_eval(config: Config) -> None:
     except Exception:
         fits = False
     if not fits:
-        raise CheckpointError(f"{config.eval}: its env {env_id!r} cannot be made or does not fit its network")
+        raise UsageError("--eval", f"{config.eval}: its env {env_id!r} cannot be made or does not fit its network")
     returns = evaluate(net, env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
     print(f"{config.eval}: {env_id}, greedy return over {config.eval_episodes} episodes: "
           f"mean {returns.mean():.1f}, std {returns.std():.1f}, min {returns.min():.0f}, max {returns.max():.0f}")
@@ -1354,28 +1323,38 @@ def run_eval(config: Config) -> None:
 EXIT_STATUS = {"done": 0, "diverged": 1, "user error": 2, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal
 
 
-def raise_interrupt(signum, frame):
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends a run as Ctrl-C does, with its name (a plain KeyboardInterrupt is SIGINT)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def raise_interrupted(signum, frame):
     """SIGTERM (timeout, docker stop, SLURM preemption) ends a run as Ctrl-C does."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 diverged, 2 a user error (bad flag, bad checkpoint), 130 Ctrl-C,
     143 SIGTERM. A second signal during the clean-up stops it; the checkpoints, summary.json, plot
     and GIF are written atomically and the CSVs an iteration at a time, so none is left half-written."""
-    config = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
+        config = parse_args(argv)
         if config.eval is not None:
             run_eval(config)
             return EXIT_STATUS["done"]
         summary = train(config)
-        return EXIT_STATUS[summary["signal"] or ("diverged" if summary["diverged"] else "done")]
-    except CheckpointError as exc:
-        print(f"error: argument --eval: {exc}", file=sys.stderr)
+        return EXIT_STATUS[summary["signal"] or ("diverged" if summary["divergence"] else "done")]
+    except UsageError as exc:
+        parser = build_parser()
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_STATUS["user error"]
     except KeyboardInterrupt as exc:
-        name = exc.args[0] if exc.args else "SIGINT"
+        name = getattr(exc, "signal_name", "SIGINT")
         print(f"\n{name}: stopped; the files written so far are whole", file=sys.stderr)
         return EXIT_STATUS[name]
     finally:

@@ -23,13 +23,12 @@ EPS = 0.2
 
 def objective_and_gradient(ratios: np.ndarray, advantage: float) -> tuple[np.ndarray, np.ndarray]:
     """L^CLIP of one sample with advantage A at each ratio r, and dL/dr, via the script's loss."""
-    log_ratio = torch.tensor(np.log(ratios), requires_grad=True)
-    advantages = torch.full_like(log_ratio, advantage)
+    ratio = torch.tensor(ratios, requires_grad=True)
+    advantages = torch.full_like(ratio, advantage)
     # one sample per r: mean over a batch of one is the sample's own term
-    values = torch.stack([-clipped_surrogate_loss(lr.view(1), torch.zeros(1, dtype=lr.dtype), a.view(1), EPS)
-                          for lr, a in zip(log_ratio, advantages)])
+    values = torch.stack([-clipped_surrogate_loss(r.view(1), a.view(1), EPS) for r, a in zip(ratio, advantages)])
     values.sum().backward()
-    return values.detach().numpy(), (log_ratio.grad / torch.tensor(ratios)).numpy()  # d/dr = d/dlog r / r
+    return values.detach().numpy(), ratio.grad.numpy()
 
 
 def main() -> None:
