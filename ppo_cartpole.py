@@ -1,13 +1,10 @@
 """PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
 
-One file in two parts. First the algorithm, in the order it runs: config -> environments -> model
--> rollout -> advantages (GAE) -> losses -> PPO update -> the training loop. Then, after a banner,
-the machinery of a run. A reader who stops at the banner has read all of PPO.
-
-Every function takes what it needs as arguments and returns what it made. A docstring's "Copy with
-...; imports: ..." line names the pieces and imports a copy needs (with `from __future__ import
-annotations`, as here). Shapes: T = steps per env per rollout, N = envs, B = a batch of samples,
-A = actions, D = observation size.
+First the algorithm, in the order it runs: config, environments, model, rollout, advantages (GAE),
+losses, update, the training loop. After a banner, the machinery of a run. Each function takes what
+it needs and returns what it made; its docstring's "Copy with ...; imports: ..." names what a copy
+needs (with `from __future__ import annotations`). Shapes: T steps per env per rollout, N envs,
+B samples, A actions, D observation size.
 
 Usage:
     python ppo_cartpole.py --stop-when-solved              # train with the defaults until solved
@@ -44,55 +41,48 @@ from tqdm import tqdm
 # ==== Config ======================================================================================
 
 def option(default, help: str, **flag):
-    """A Config field and its flag in one place: `build_parser` makes the flag from the field's name,
-    type, default and help (plus argparse keywords such as choices); `allowed`, an interval such as
-    "(0, 1]", is checked by `check_config` and shown in --help."""
+    """A Config field and its flag (made by `build_parser`, with argparse keywords such as choices);
+    `allowed`, an interval such as "(0, 1]", is checked by `check_config` and shown in --help."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 
-# The sizes each backend runs at, for the size flags left out (None in Config). With TorchCartPole on
-# a GPU, thousands of envs cost little more than eight (docs/torch-backend.md).
+# Each backend's sizes, for the size flags left out (None in Config: an explicit default could not tell
+# "left out" from "given"). On a GPU, thousands of TorchCartPoles cost what eight do (docs/torch-backend.md).
 BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
                  "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run. Each field is a flag of the same name: `num_envs` <-> `--num-envs`. A
-    None is filled in by `resolve`: the backend's sizes, the env's target return, a fresh run folder.
-    README, "Flags: the post's values and ours", says why ours differ from the post's."""
+    """Every setting of a run, each a flag of the same name (`num_envs`, `--num-envs`); `resolve` fills
+    in the Nones. README, "Flags: the post's values and ours", says why ours differ."""
 
     # Environments
     env_id: str = option("CartPole-v1", "gymnasium env id: Discrete actions, a flat Box observation")
-    env_backend: str = option("auto", "torch = CartPole-v1 stepped in torch on --device; auto = torch on "
-                              "CUDA for CartPole-v1, else gymnasium", choices=("auto", "gymnasium", "torch"))
-    vectorization_mode: str = option("auto", "vector_entry_point = the env's native vector env; sync = "
-                                     "SyncVectorEnv; auto = the first if the env has one",
-                                     choices=("auto", "sync", "vector_entry_point"))
+    env_backend: str = option("auto", "torch: CartPole-v1 in torch on --device; auto: torch on CUDA, else gymnasium",
+                              choices=("auto", "gymnasium", "torch"))
+    vectorization_mode: str = option("auto", "the env's native vector env (vector_entry_point) or SyncVectorEnv; "
+                                     "auto: the first if there is one", choices=("auto", "sync", "vector_entry_point"))
     num_envs: int | None = option(None, "N parallel envs", allowed="[1, 65536]")
     # Rollout and update
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
-    buffer_size: int | None = option(None, "transitions per rollout over all envs, a multiple of --num-envs: "
-                                     "T = buffer-size / num-envs >= 2", allowed="[2, 2097152]")
+    buffer_size: int | None = option(None, "steps per rollout over all envs: T = buffer-size / num-envs >= 2",
+                                     allowed="[2, 2097152]")
     minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 100]")
     lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
-    gamma: float = option(0.995, "discount: its horizon, 1 / (1 - gamma) = 200 steps, sees the cart "
-                          "drifting off the track long before it does", allowed="[0, 1]")
+    gamma: float = option(0.995, "discount: a horizon of 1 / (1 - gamma) = 200 steps", allowed="[0, 1]")
     gae_lambda: float = option(0.8, "GAE lambda", allowed="[0, 1]")
-    normalize_advantages: bool = option(False, "scale each rollout's advantages to mean 0, std 1: off, a "
-                                        "solved policy's small advantages would be blown up to full-size updates")
+    normalize_advantages: bool = option(False, "scale each rollout's advantages to mean 0, std 1")
     # Losses
     clip_eps: float = option(0.2, "epsilon of the clipped surrogate L^CLIP", allowed="(0, 1)")
-    value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old "
-                                          "(default: off; the post: 0.2)", allowed="(0, inf)")
+    value_clip_eps: float | None = option(None, "clip each value update to +-this around V_old (default: off)",
+                                          allowed="(0, inf)")
     value_coef: float = option(0.5, "weight of the value loss", allowed="[0, inf)")
-    entropy_coef: float = option(0.0, "entropy bonus at the start, annealed linearly over the run down to "
-                                 "--entropy-floor", allowed="[0, inf)")
-    entropy_floor: float = option(0.0, "the lowest the annealed entropy bonus (--entropy-coef) goes",
-                                  allowed="[0, inf)")
+    entropy_coef: float = option(0.0, "entropy bonus, annealed linearly to --entropy-floor", allowed="[0, inf)")
+    entropy_floor: float = option(0.0, "the lowest the annealed entropy bonus goes", allowed="[0, inf)")
     max_grad_norm: float | None = option(0.5, "clip the gradient's global norm to this (0 = off)", allowed="[0, inf)")
     target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)",
                                      allowed="(0, inf)")
@@ -100,10 +90,9 @@ class Config:
     ema_alpha: float = option(0.1, "weight of the newest episode in the EMA of returns", allowed="(0, 1]")
     target_return: float | None = option(None, "'solved' bar for the mean of the last 100 returns "
                                          "(default: the env's reward_threshold, 475 for CartPole-v1)")
-    stop_when_solved: bool = option(False, "end training once solved and a best.pt candidate has "
-                                    "played the target greedily")
-    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate, played at once "
-                                  "(0 = save on the EMA alone)", allowed="[0, 10000]")
+    stop_when_solved: bool = option(False, "end training once solved and best.pt plays the target greedily")
+    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate (0 = the EMA alone)",
+                                   allowed="[0, 10000]")
     # The run
     seed: int = option(1, "seeds the network, the envs, sampling and shuffling", allowed="[0, 2e9]")
     device: str = option("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
@@ -111,9 +100,8 @@ class Config:
     out_dir: str | None = option(None, "run folder (default: a fresh runs/<env>__seed<seed>__<time>)")
     plot: bool = option(True, "write training.png")
     gif: bool = option(True, "write agent.gif")
-    eval: str | None = option(None, "evaluate this checkpoint greedily (and write its GIF) instead of training",
-                              metavar="CHECKPOINT")
-    eval_episodes: int = option(10, "greedy episodes of the final evaluation, played at once", allowed="[1, 10000]")
+    eval: str | None = option(None, "play this checkpoint greedily, write its GIF, no training", metavar="CHECKPOINT")
+    eval_episodes: int = option(10, "greedy episodes of the final evaluation", allowed="[1, 10000]")
 
 
 # ==== Environments ================================================================================
@@ -121,13 +109,9 @@ class Config:
 def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "gymnasium",
               vectorization_mode: str = "auto", **env_kwargs):
     """N envs stepped together, torch tensors in and out: `reset(seed) -> (obs [N, D], info)`,
-    `step(actions [N]) -> (obs [N, D], rewards [N], terminated [N], truncated [N], info)`.
-
-    backend "gymnasium": gymnasium.make_vec, "sync" (SyncVectorEnv) or "vector_entry_point" (the
-    env's own vectorised implementation: CartPole's steps all envs in numpy at once), "auto" = the
-    latter when the env has one. backend "torch": TorchCartPole on `device` (CartPole-v1 only).
-    Both autoreset on the next step (see Collector).
-    """
+    `step(actions [N]) -> (obs [N, D], rewards [N], terminated [N], truncated [N], info)`, with
+    next-step autoreset. backend "gymnasium": gymnasium.make_vec in `vectorization_mode` ("auto": the
+    env's own vector env when it has one, as CartPole does); "torch": TorchCartPole on `device`."""
     if backend == "torch":
         return TorchCartPole(num_envs, device, **env_kwargs)
     mode = None if vectorization_mode == "auto" else vectorization_mode  # None: gymnasium picks as "auto"
@@ -188,12 +172,10 @@ class ActorCritic(nn.Module):
 def sample_actions(logits: torch.Tensor, uniform: torch.Tensor):
     """logits [..., A], uniform [..., A] noise in [0, 1) -> (actions [...] int64, logprobs [...]).
 
-    Gumbel-max: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), as
-    torch.distributions.Categorical draws. Not Categorical: its `sample` takes no generator, so a
-    run's samples would depend on whatever else draws from torch's global RNG, and its sampler
-    checks its input on the host (on a GPU, a wait at every step). The caller draws the noise, up
-    front for a whole rollout: a step that draws nothing can be traced and replayed.
-    Copy with logprobs_of; imports: torch, torch.nn.functional as F.
+    Gumbel-max, argmax(logits + Gumbel noise), samples softmax(logits) exactly, as Categorical does.
+    Not Categorical: its `sample` draws from torch's global RNG and checks its input on the host (on
+    a GPU, a wait per step). The caller draws the noise, a rollout's at once, so a step draws nothing
+    and can be replayed. Copy with logprobs_of; imports: torch, torch.nn.functional as F.
     """
     actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
     return actions, logprobs_of(logits, actions)
@@ -234,25 +216,24 @@ class Rollout:
 class Collector:
     """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
 
-    envs: torch tensors in and out (see make_envs), autoresetting on the *next* step: the step after
-    an episode ends ignores the action and returns the reset observation with reward 0; it is not
-    experience and is masked out (the trap CleanRL's users hit on gymnasium 1.x). Any other mode is
-    refused. The env state persists across rollouts: the post reset every env at the start of every
-    rollout, capping episodes at T = 256 steps, so CartPole-v1's 500 was unreachable.
+    envs (see make_envs) must autoreset on the *next* step: the step after an episode ends ignores
+    the action and returns the reset observation with reward 0. It is not experience and is masked
+    out (the trap CleanRL's users hit on gymnasium 1.x); other modes are refused. The envs run on
+    across rollouts: the post reset them every rollout, so no episode outlasted T steps.
 
-    Built to be replayed by a GPU (CUDA graphs): `collect` draws the rollout's noise up front (the
-    actions' Gumbel noise; and for an env with `draw_initial_states(out)`, a `state` [N, S] and
-    `step(actions, initial_states)`, as TorchCartPole, its reset states too), then each `step` is
-    tensor work on fixed buffers, written in place, never rebound, and nothing is read on the host
-    (with TorchCartPole). A Rollout holds these buffers: it is valid until the next `collect`.
+    Built for a GPU to replay (CUDA graphs): `collect` draws the rollout's noise up front (the
+    actions'; the reset states too for an env with `draw_initial_states(out)`, `state` [N, S] and
+    `step(actions, initial_states)`, as TorchCartPole), then each `step` is tensor work written in
+    place into fixed buffers, with no host read (with TorchCartPole). The Rollout returned holds
+    these buffers: it is valid until the next `collect`.
 
     Copy with Rollout, sample_actions and logprobs_of; imports: dataclasses.dataclass, torch,
     torch.nn.functional as F.
     """
 
     def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
-        # gymnasium >= 1.1 can also autoreset on the same step, or not at all: then the masks below
-        # would be wrong without a sound. No key (gymnasium 1.0, TorchCartPole) means next-step.
+        # gymnasium >= 1.1 can also autoreset on the same step, or not at all: the masks would be wrong
+        # without a sound. No key (gymnasium 1.0, TorchCartPole) means next-step.
         mode = getattr(envs, "metadata", {}).get("autoreset_mode")
         if getattr(mode, "value", mode) not in (None, "NextStep"):
             raise ValueError(f"Collector needs next-step autoreset, got {mode}: make the vector env with "
@@ -284,8 +265,7 @@ class Collector:
                 self.step(net, t)
             self.last_value.copy_(net(self.next_obs)[1])
             # In next-step mode the obs returned at an episode's last step is its true final obs, so
-            # V(final obs) is the next step's value. Truncation is not failure: bootstrap from it.
-            # (The post treated the time limit as termination.)
+            # V(final obs) is the next step's value. A time limit is not failure: bootstrap from it.
             next_values = torch.cat([self.values[1:], self.last_value.unsqueeze(0)])  # [T, N]
             self.rewards += gamma * next_values * self.truncated_only
         return Rollout(obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
@@ -326,9 +306,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
     rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
     (the post averaged one over all envs). Returns (advantages [T, N], returns = advantages + values),
-    written into `out`'s two [T, N] tensors if given (fixed buffers a replayed GPU graph writes).
-
-    What the inputs must already mean, for a copy of this function:
+    written into `out`'s two [T, N] tensors if given. What the inputs must already mean:
     - dones[t] = 1 iff the episode ended *at* step t (terminated or truncated): it cuts the
       bootstrap and the recursion there. CleanRL's dones[t] means "ended *before* step t" (its
       loop reads dones[t + 1]): mixing the two conventions shifts every cut by one step.
@@ -375,10 +353,9 @@ def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_e
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                clip_eps: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """0.5 * mean((v - R)^2); with clip_eps, the post's clipped form (eq. 9's L^VF, clipped as in
-    the baselines code): 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)),
-    v_clipped = v_old + clip(v - v_old, -eps, eps). Inputs [B]; the mean is over `mask` (default
-    all). Copy with masked_mean; imports: torch."""
+    """L^VF = 0.5 * mean((v - R)^2); with clip_eps, as the baselines code clips it: 0.5 *
+    mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)). Inputs [B]; the mean is over
+    `mask` (default all). Copy with masked_mean; imports: torch."""
     unclipped = (values - returns) ** 2
     if clip_eps is None:
         return 0.5 * masked_mean(unclipped, mask)
@@ -387,10 +364,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(pi_old || pi) estimated as mean((r - 1) - log r) from log r = log pi - log pi_old [B], on
-    samples from pi_old: the "k3" estimator of J. Schulman, "Approximating KL Divergence" (2020),
-    unbiased, never negative, lower variance than mean(-log r). The mean is over `mask` (default
-    all). Copy with masked_mean; imports: torch."""
+    """KL(pi_old || pi) as mean((r - 1) - log r), log r = log pi - log pi_old [B] on samples from
+    pi_old: the unbiased, never negative "k3" estimator (J. Schulman, "Approximating KL Divergence",
+    2020). The mean is over `mask` (default all). Copy with masked_mean; imports: torch."""
     return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
 
 
@@ -414,9 +390,8 @@ def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Sets every param group's lr: a float is replaced, a tensor lr (what a captured GPU graph of
-    Adam(capturable=True) reads) is filled in place, so the graph sees the new value. Copy alone;
-    imports: torch."""
+    """Sets every param group's lr: a float is replaced, a tensor lr (read by a captured GPU graph of
+    Adam(capturable=True)) filled in place. Copy alone; imports: torch."""
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
@@ -467,23 +442,20 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
                target_kl: float | None = None, normalize_advantages: bool = False,
                generator: torch.Generator | None = None) -> dict:
     """K epochs of shuffled minibatch SGD on one rollout, actor and critic together through the
-    shared trunk (paper, section 5, Algorithm 1). advantages, returns: [T, N] from compute_gae.
-    minibatch_size must divide T * N. value_clip_eps None = no value clip. target_kl: once a
-    minibatch's approx KL (before its step) exceeds it, that step is skipped and the rest of this
-    update ends.
+    shared trunk (Algorithm 1). advantages, returns: [T, N] from compute_gae; minibatch_size divides
+    T * N; value_clip_eps None: no value clip; target_kl: once a minibatch's approx KL (before its
+    step) exceeds it, that step is skipped and the update ends.
 
-    Every one of the T * N steps enters each epoch's permutation, so every minibatch has the same
-    shape; the autoreset steps (rollout.valid 0) weigh 0 in every mean, their inputs zeroed (a NaN
-    there would reach the gradient as 0 * NaN). A mask, not indexing by valid.nonzero(): that would
-    size the batch by the data, read on the host, which a GPU graph cannot replay. A minibatch
-    without a valid step has zero loss and gradient (Adam still moves the weights by its momentum);
-    at the default sizes it does not happen.
+    All T * N steps enter each epoch's permutation, so every minibatch has one shape; the autoreset
+    steps (rollout.valid 0) weigh 0 in every mean and their inputs are zeroed (a NaN there would
+    reach the gradient as 0 * NaN). A mask, not valid.nonzero(): that sizes the batch by the data,
+    read on the host, which a GPU graph cannot replay. A minibatch without a valid step has zero
+    loss and gradient (at the default sizes, it does not happen).
 
-    Returns, averaged over the valid samples of the minibatches stepped: the losses, entropy and
-    clip fraction; approx KL over those and the one whose KL stopped the update, if one did (as SB3
-    logs it); the explained variance of V_old; epochs completed and minibatches run; and
-    `nonfinite`: which of "loss", "gradient norm", "parameters" went NaN or infinite (empty when
-    all is well). One read from the device per update; `target_kl` adds one per minibatch.
+    Returns, averaged over the valid samples of the minibatches stepped: the losses, entropy, clip
+    fraction; approx KL (with the minibatch that stopped the update, as SB3 logs it); the explained
+    variance of V_old; epochs completed, minibatches run; `nonfinite`, which of "loss", "gradient
+    norm", "parameters" went NaN or infinite. One host read per update (target_kl: one per minibatch).
 
     Copy with Rollout, minibatch_loss (and what it travels with), count_weighted_mean and
     explained_variance; imports: dataclasses.dataclass, math, torch, torch.nn as nn,
@@ -493,9 +465,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     batch_size = valid.numel()
     if batch_size % minibatch_size:
         raise ValueError(f"minibatch_size {minibatch_size} does not divide the rollout's {batch_size} steps")
-    # Off by default: once solved, the advantages are ~30x smaller and mostly noise, and scaling them
-    # back to std 1 makes every later update full-size (docs/long-run.md). When on (the post, CleanRL,
-    # SB3), normalised once over the whole batch's valid steps, not per minibatch: one scale for all.
+    # Off by default: once solved, the advantages are ~30x smaller, mostly noise, and scaled to std 1
+    # they make every update full-size (docs/long-run.md). When on, one scale for the whole batch.
     b_advantages = advantages.flatten()
     if normalize_advantages:  # (one sample has no spread to scale by: left as it is)
         count, mean = valid.sum(), masked_mean(b_advantages, valid)
@@ -511,8 +482,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     permutations = torch.stack([torch.randperm(batch_size, device=valid.device, generator=generator)
                                 for _ in range(update_epochs)])  # [K, T*N]
     batch = (b_obs, b_actions, b_logprobs, b_values, b_advantages, b_returns, valid)
-    logged = []  # per minibatch stepped: -L^CLIP, L^VF, entropy, KL, clip fraction, loss, gradient norm; its valid count
-    kls = []  # approx KL per minibatch, the one that ends the update too; its valid count
+    logged = []  # per minibatch stepped: its 5 stats, loss, gradient norm, valid count
+    kls = []  # per minibatch, the one that ends the update too: approx KL, valid count
     minibatches = epochs = 0
     kl_stop = False
     for permutation in permutations:
