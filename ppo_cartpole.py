@@ -69,7 +69,8 @@ class Config:
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
     buffer_size: int | None = option(None, "steps per rollout over all envs: T = buffer-size / num-envs >= 2",
                                      allowed="[2, 2097152]")
-    minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size")
+    minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size",
+                                        allowed="[1, 262144]")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 100]")
     lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
@@ -816,8 +817,8 @@ def in_interval(value: float, interval: str) -> bool:
 
 
 def check_config(c: Config) -> None:
-    """Every value of a resolved Config in its range (nan and inf never train; the sizes' upper
-    bounds keep a rollout and its update within a few GB) and a run folder without an earlier run."""
+    """Every value of a resolved Config in its range (nan and inf never train; at the sizes' upper
+    bounds a CartPole rollout and its update take about 3 GB) and a run folder without an earlier run."""
     for field in dataclasses.fields(Config):
         value, allowed = getattr(c, field.name), field.metadata.get("allowed")
         flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])

@@ -1153,6 +1153,8 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_what_its_docstring_names(
 
 def test_every_piece_of_the_algorithm_says_how_to_copy_it():
     source = Path(ppo.__file__).read_text().split("PPO ends above")[0]
+    if "mutmut" in source:
+        pytest.skip("mutmut's copy of the script")
     pieces = [node.name for node in ast.parse(source + "\n").body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
               and node.name not in ("option", "Config", "make_envs", "NumpyToTorch", "train")]
     assert sorted(pieces) == sorted(exercises())
@@ -1356,6 +1358,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_best_pt(tmp_path, mo
     net, _ = ppo.load_agent(out / "best.pt")
     assert all(p.isfinite().all() for p in net.parameters())
     assert not (out / "final.pt").exists() and (out / "training.png").exists()
+    assert read_csv(out / "metrics.csv")[-1]["best_saved"] == "0"  # the NaN policy was not saved
 
 
 # ==== CartPole in torch ===========================================================================
@@ -1525,6 +1528,7 @@ BAD_INPUT = [  # each a user's mistake: one flag out of its range, or an env PPO
     (["--update-epochs", "0"], "--update-epochs"), (["--update-epochs", "101"], "--update-epochs"),
     (["--minibatch-size", "0"], "--minibatch-size"), (["--minibatch-size", "4096"], "--minibatch-size"),
     (["--minibatch-size", "100"], "--minibatch-size"),  # 1024 / 100: minibatches of two sizes
+    (["--buffer-size", "524288", "--minibatch-size", "524288"], "--minibatch-size"),
     (["--buffer-size", "2050"], "--buffer-size"), (["--buffer-size", "0"], "--buffer-size"),
     (["--buffer-size", str(2**40), "--minibatch-size", "64"], "--buffer-size"),
     (["--num-envs", "4", "--buffer-size", "4", "--minibatch-size", "4"], "--buffer-size"),  # T = 1
@@ -1798,7 +1802,7 @@ def test_best_policy_without_confirmation_is_the_posts_ema_rule(tmp_path):
     assert not best.consider(good, ema=101)  # the post's `smoothed_reward > best_reward`: a tie is no new best
     assert not best.consider(good, ema=101, always=True)  # at the end of a run too: a tie is no new best
     assert not best.consider(good, ema=90, always=True)  # the end-of-run check keeps the EMA's best
-    assert best.seconds == 0
+    assert best.seconds == 0 and best.best_ema == 101  # the highest EMA seen, not the last
     fresh = ppo.BestPolicy(tmp_path / "fresh.pt", "CartPole-v1", 0, seed=3, config={})
     assert fresh.consider(good, ema=None, always=True)  # ... unless nothing was saved at all
 
@@ -1822,6 +1826,69 @@ def test_stop_when_solved_waits_until_best_pt_plays_the_target(tmp_path):
     assert summary["best_confirmed_return"] >= 40
     net, _ = ppo.load_agent(out / "best.pt")
     assert ppo.evaluate(net, "CartPole-v1", 20, seed=1 + ppo.CONFIRM_SEED_OFFSET).mean() >= 40
+
+
+def scripted_checks(monkeypatch, out):
+    """best.pt's greedy checks replaced by a script: 5.0 until the run is solved (its 100th episode, at
+    --target-return 10) and for the first 2 checks after, then 10.0, the target. Returns the list of
+    the iterations each check came in (the rows metrics.csv held then)."""
+    real_evaluate, checks = ppo.evaluate, []
+
+    def evaluate(net, env_id, episodes, seed):
+        if seed != 1 + ppo.CONFIRM_SEED_OFFSET:  # the final evaluation
+            return real_evaluate(net, env_id, episodes, seed)
+        solved = len(read_csv(out / "episodes.csv")) >= 100
+        after = sum(solved_then for _, solved_then in checks)
+        checks.append((len(read_csv(out / "metrics.csv")), solved))
+        return np.full(episodes, 10.0 if solved and after >= 2 else 5.0)
+
+    monkeypatch.setattr(ppo, "evaluate", evaluate)
+    return checks
+
+
+def new_ema_bests(metrics, above):
+    """The iterations whose EMA is a new best, higher than every earlier one, and higher than `above`."""
+    emas = [float(row["ema_return"]) for row in metrics]
+    return [i for i, ema in enumerate(emas) if ema > max(emas[:i], default=-math.inf) and ema > above]
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_once_solved_every_iteration_is_checked_until_best_pt_plays_the_target(tmp_path, monkeypatch, stop):
+    """Before the solve, and after best.pt plays the target, only a new best of the EMA above the
+    saved score is checked; between the two, every iteration is. With --stop-when-solved the run
+    ends at the check that plays the target (a score equal to it plays it)."""
+    out = tmp_path / "run"
+    checks = scripted_checks(monkeypatch, out)
+    argv = QUICK + ["--episodes", "30", "--lr", "1e-30", "--target-return", "10", "--no-plot", "--no-gif",
+                    "--out-dir", str(out)]  # lr ~0: the random policy's EMA rises and falls
+    assert ppo.main(argv + ["--stop-when-solved"] * stop) == 0
+    metrics, summary = read_csv(out / "metrics.csv"), json.loads((out / "summary.json").read_text())
+    solved = summary["solved_at_iteration"]
+    iterations = [iteration for iteration, _ in checks if iteration < len(metrics)]  # not the end-of-run check
+    before, after = [i for i in iterations if i < solved], [i for i in iterations if i > solved + 2]
+    assert before == [0] + new_ema_bests(metrics[:solved], above=5.0)[1:] and len(before) < solved
+    assert [i for i in iterations if solved <= i <= solved + 2] == [solved, solved + 1, solved + 2]
+    assert summary["best_confirmed_return"] == 10.0
+    if stop:
+        assert len(metrics) == solved + 3 and summary["iterations"] == solved + 3
+    else:
+        assert len(metrics) == 30 and after == [i for i in new_ema_bests(metrics, above=10.0) if i > solved + 2]
+        assert len(after) < 30 - (solved + 3)  # some iterations after it went unchecked
+    saved = [int(row["best_saved"]) for row in metrics]
+    assert [i for i, flag in enumerate(saved) if flag] == iterations  # every check saved: 5 >= 5, 10 >= 10
+    confirmed = [float(row["best_confirmed_return"]) for row in metrics]
+    assert confirmed == [5.0] * (solved + 2) + [10.0] * (len(metrics) - solved - 2)
+
+
+def test_each_metrics_row_counts_its_iterations_episodes(tmp_path):
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "5", "--confirm-episodes", "0", "--no-plot", "--no-gif",
+                             "--out-dir", str(out)]) == 0
+    metrics, episodes = read_csv(out / "metrics.csv"), read_csv(out / "episodes.csv")
+    assert [int(row["iteration"]) for row in metrics] == list(range(5))
+    ends = [0] + [int(row["env_steps"]) for row in metrics]
+    counts = [sum(start < int(row["env_step"]) <= end for row in episodes) for start, end in zip(ends, ends[1:])]
+    assert [int(row["episodes"]) for row in metrics] == counts and sum(counts) == len(episodes) > 0
 
 
 def test_return_tracker_matches_a_plain_computation():
