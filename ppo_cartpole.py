@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import importlib
+import io
 import json
 import math
 import os
@@ -121,23 +122,30 @@ def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "
 
 class NumpyToTorch(gym.vector.VectorWrapper):
     """A gymnasium vector env with torch tensors in and out, the one place where numpy meets torch
-    (gymnasium.wrappers.vector.NumpyToTorch does the same but needs the array-api-compat package)."""
+    (gymnasium.wrappers.vector.NumpyToTorch does the same but needs the array-api-compat package).
+    A NaN or infinite observation or reward is the env's fault: raised here as NonFiniteEnv, on the
+    host's arrays, before it can look like PPO diverging."""
 
     def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
         super().__init__(envs)
         self.device = device
 
-    def _tensor(self, array, dtype=None) -> torch.Tensor:
+    def _tensor(self, array, what: str, dtype=None) -> torch.Tensor:
+        if dtype is torch.float32 and not np.isfinite(array).all():
+            rows = np.reshape(array, (len(array), -1))  # [N, ...] -> [N, -1]
+            bad = np.nonzero(~np.isfinite(rows).all(axis=1))[0]
+            raise NonFiniteEnv(f"{self.spec.id if self.spec else 'the env'}: {len(bad)} of {len(rows)} envs returned "
+                               f"a non-finite {what} (env {bad[0]}: {rows[bad[0]].tolist()})")
         return torch.as_tensor(array, dtype=dtype, device=self.device)
 
     def reset(self, seed: int | None = None):
         obs, info = self.env.reset(seed=seed)
-        return self._tensor(obs, torch.float32), info
+        return self._tensor(obs, "observation", torch.float32), info
 
     def step(self, actions: torch.Tensor):
         obs, rewards, terminated, truncated, info = self.env.step(actions.cpu().numpy())
-        return (self._tensor(obs, torch.float32), self._tensor(rewards, torch.float32),
-                self._tensor(terminated), self._tensor(truncated), info)
+        return (self._tensor(obs, "observation", torch.float32), self._tensor(rewards, "reward", torch.float32),
+                self._tensor(terminated, "terminated"), self._tensor(truncated, "truncated"), info)
 
 
 # ==== Model =======================================================================================
@@ -526,8 +534,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
 def train(config: Config) -> dict:
     """Train PPO as configured, write the run folder, return the summary (also summary.json). Ctrl-C
     (or SIGTERM, which main turns into an Interrupted) ends the loop early, and so does a NaN or
-    infinite loss, gradient norm or parameter; the files are written all the same."""
-    config = resolve(config)
+    infinite loss, gradient norm or parameter, or any error (raised again once the files are written)."""
+    log = RunLog(resolve(config))  # first: it claims the run folder
+    config = log.config
     device = torch.device(config.device)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # network init; sampling and shuffling use `generator`
@@ -537,15 +546,14 @@ def train(config: Config) -> dict:
     # fused: all the weights' Adam arithmetic in one kernel a step (on the CPU, the update ~9% faster);
     # eps 1e-8, torch's default (CleanRL: 1e-5)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)
-    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)
-    advantages, returns = torch.zeros_like(collector.rewards), torch.zeros_like(collector.rewards)  # [T, N]
     entropy_coef = torch.zeros((), device=device)  # set in place, never rebound: a GPU graph reads it there
-    log = RunLog(config)
     best = BestPolicy(log.out_dir / "best.pt", config.env_id, config.confirm_episodes,
                       config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config))
-    signal_name = divergence = None  # why the run ended early, if it did
-    bar = tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
+    signal_name = divergence = error = None  # why the run ended early, if it did
+    iteration, bar = 0, tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
     try:
+        collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)  # resets the envs
+        advantages, returns = torch.zeros_like(collector.rewards), torch.zeros_like(collector.rewards)  # [T, N]
         for iteration in bar:
             lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
             set_lr(optimizer, lr)
@@ -587,10 +595,18 @@ def train(config: Config) -> dict:
     except KeyboardInterrupt as exc:
         signal_name = getattr(exc, "signal_name", "SIGINT")
         print(f"\n{signal_name}: writing final.pt, metrics, plot and summary", file=sys.stderr)
+    except Exception as exc:  # the env's, a full disk's, or a bug's: the files first, then the error as it is
+        error = exc
+        print(f"\n{type(exc).__name__} at iteration {iteration}: writing final.pt, metrics, plot and summary",
+              file=sys.stderr)
     finally:
         bar.close()
-        envs.close()
-    return finish_run(config, log, best, net, signal_name=signal_name, divergence=divergence)
+        with contextlib.suppress(Exception):  # a broken env may fail to close too: its first error stands
+            envs.close()
+    summary = finish_run(config, log, best, net, signal_name=signal_name, divergence=divergence, error=error)
+    if error is not None and not isinstance(error, RunStopped):
+        raise error
+    return summary
 
 
 # ##################################################################################################
@@ -718,7 +734,7 @@ def resolve(config: Config) -> Config:
     """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
     the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
     asked for); the backend's sizes where None; max_grad_norm 0 -> None. Training only: the env's
-    reward_threshold as target_return where None, and a fresh runs/... folder as out_dir where None.
+    reward_threshold as target_return where None. (out_dir None: RunLog makes a fresh folder.)
     """
     device = resolve_device(config.device)
     backend = config.env_backend
@@ -733,8 +749,7 @@ def resolve(config: Config) -> Config:
     target_return = config.target_return
     if target_return is None:
         target_return = env_spec(config.env_id).reward_threshold
-    return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return),
-                               out_dir=config.out_dir or default_out_dir(config.env_id, config.seed))
+    return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -764,8 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a resolved, checked Config, its run folder made. argparse's own errors (an unknown
-    flag, a value of the wrong type) exit 2 there; a value out of range raises UsageError."""
+    """argv -> a resolved, checked Config, its run folder (or runs/) proved writable. argparse's own
+    errors (an unknown flag, a value of the wrong type) exit 2 there; a value out of range raises UsageError."""
     config = Config(**vars(build_parser().parse_args(argv)))
     require(config.device != "cuda" or torch.cuda.is_available(), "--device",
             "auto or cpu: CUDA is not available on this machine")
@@ -774,7 +789,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     config = resolve(config)
     check_config(config)
     if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
-        probe = Path(config.out_dir) / f".write-test-{os.getpid()}"
+        probe = Path(config.out_dir or "runs") / f".write-test-{os.getpid()}"
         made = [folder for folder in probe.parents if not folder.exists()]  # deepest first
         try:  # the proof that the run folder can be made and written to: do it
             probe.parent.mkdir(parents=True, exist_ok=True)
@@ -839,17 +854,46 @@ def check_config(c: Config) -> None:
             f"a divisor of --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
     cores = os.cpu_count() or 1
     require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
-    if c.eval is None:  # never overwrite a run: its best.pt may be all the user has of it
-        taken = [name for name in ("best.pt", "final.pt", "summary.json", "metrics.csv")
+    if c.eval is None and c.out_dir is not None:  # never overwrite a run: its best.pt may be all the user has of it
+        taken = [name for name in (CLAIM_FILE, "best.pt", "final.pt", "summary.json", "metrics.csv")
                  if (Path(c.out_dir) / name).exists()]
         require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
 
 
 # ==== Files: atomic writes and checkpoints ========================================================
 
+CLAIM_FILE = ".ppo_cartpole-run"  # in every run folder: the run that made it owns it
+
+
+def claim_run_folder(out_dir: str | None, env_id: str, seed: int) -> Path:
+    """The run folder, made and claimed by one atomic create before anything is written there: a
+    given folder (made if need be) by creating its CLAIM_FILE exclusively (O_EXCL), so that of two
+    runs into it, even in the same second, one is refused (UsageError) and the other's files stay
+    its own; by default, a fresh `default_out_dir`, made by one exclusive mkdir, with -2, -3, ...
+    after the name when another run took it in the same second."""
+    if out_dir is None:
+        base = default_out_dir(env_id, seed)
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 1000):
+            path = Path(base if k == 1 else f"{base}-{k}")
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+                break
+    else:
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise UsageError("--out-dir", f"must be a folder without an earlier run ({path} is another run's: "
+                         f"it has {CLAIM_FILE})") from None
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temp file in path's folder, then os.replace it onto path: a crash or
-    Ctrl-C mid-write never leaves a partial file at path, and the temp file is removed."""
+    Ctrl-C mid-write never leaves a partial file at path, and the temp file is removed. A failed
+    write (a full disk) raises WriteError, naming path."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one writer per file: this process
     try:
@@ -858,9 +902,30 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(path, exc) from exc
         raise
+
+
+def append_whole(path: str | os.PathLike, text: str) -> None:
+    """Append text to path whole or not at all: a write that fails (a full disk) is cut back off,
+    so the file never ends in a partial row; it raises WriteError, naming path."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            size, data = os.fstat(fd).st_size, memoryview(text.encode())
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                os.ftruncate(fd, size)  # truncating frees space: it works on a full disk
+                raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
 
 
 def save_checkpoint(path: str | os.PathLike, net: ActorCritic, config: dict) -> None:
@@ -992,15 +1057,14 @@ class RunLog:
     numbers and the time spent collecting and updating. config: a resolved Config."""
 
     def __init__(self, config: Config):
-        self.config, self.out_dir, self.start = config, Path(config.out_dir), time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.start = claim_run_folder(config.out_dir, config.env_id, config.seed), time.perf_counter()
+        self.config = config = dataclasses.replace(config, out_dir=str(self.out_dir))
         self.tracker = ReturnTracker(config.ema_alpha, config.target_return)
         self.seconds = {"collect": 0.0, "update": 0.0}
         self.fields = {"episodes": EPISODE_FIELDS, "metrics": METRIC_FIELDS}
         self.rows: dict[str, list[dict]] = {name: [] for name in self.fields}  # as in episodes.csv and metrics.csv
         for name, fields in self.fields.items():
-            with open(self.out_dir / f"{name}.csv", "w", newline="") as f:
-                csv.DictWriter(f, fields).writeheader()
+            atomic_write(self.out_dir / f"{name}.csv", lambda f: f.write((",".join(fields) + "\r\n").encode()))
         self.env_steps, self.progress = 0, {}
         self.solved_at_seconds = self.solved_at_iteration = None
         settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"
@@ -1016,9 +1080,10 @@ class RunLog:
         self.seconds[part] += time.perf_counter() - t0
 
     def write(self, name: str, rows: list[dict]) -> None:
-        """Appends the rows to name.csv and keeps them."""
-        with open(self.out_dir / f"{name}.csv", "a", newline="") as f:
-            csv.DictWriter(f, self.fields[name]).writerows(rows)
+        """Appends the rows to name.csv, whole or not at all, and keeps them."""
+        text = io.StringIO()
+        csv.DictWriter(text, self.fields[name]).writerows(rows)
+        append_whole(self.out_dir / f"{name}.csv", text.getvalue())
         self.rows[name] += rows
 
     def episodes(self, iteration: int, rollout: Rollout) -> int:
@@ -1052,21 +1117,43 @@ def versions() -> dict:
             "numpy": np.__version__}
 
 
-def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, *,
-               signal_name: str | None = None, divergence: str | None = None) -> dict:
+def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, *, signal_name: str | None = None,
+               divergence: str | None = None, error: Exception | None = None) -> dict:
     """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
-    evaluation, summary.json, the plot and the GIF; returns the summary. After a signal the greedy
-    check and evaluation, which can take long, are skipped: the user asked to stop. After a
-    divergence the non-finite weights are neither final.pt nor a candidate."""
-    out_dir, tracker = log.out_dir, log.tracker
+    evaluation, summary.json, the plot and the GIF; returns the summary. After a signal or an error,
+    the candidate check and the evaluation (long, or the broken env again) are skipped, and after an
+    error the GIF too; after a divergence the non-finite weights are neither final.pt nor a candidate.
+    A step that cannot write its file (a full disk), or any step after an error, is skipped with one
+    line: never a second traceback over the first. summary["error"] is the first failure, if any."""
+    out_dir, tracker, failures = log.out_dir, log.tracker, [error] if error else []
+    stopped = signal_name is not None or error is not None
+
+    def first_failure() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
+        if not failures:
+            return None
+        first = failures[0]  # the run's own stop in its words; anything else with its type
+        return f"iteration {len(log.rows['metrics'])}: " + (str(first) if isinstance(first, RunStopped)
+                                                             else f"{type(first).__name__}: {first}")
+
+    def attempt(what: str, step):
+        try:
+            return step()
+        except Exception as exc:
+            if not (failures or isinstance(exc, WriteError)):
+                raise  # a bug in a run that went well: its traceback
+            print(f"skipped {what}: {exc}", file=sys.stderr)
+            failures.append(exc)
+
     if divergence is None:
-        save_checkpoint(out_dir / "final.pt", net, best.config)
-        if signal_name is None:
-            best.consider(net, tracker.ema, always=True)
-    best_net = load_agent(out_dir / "best.pt", config.device)[0] if (out_dir / "best.pt").exists() else None
-    evaluated = best_net is not None and signal_name is None  # (no best.pt: diverged before any save)
-    returns = evaluate(best_net, config.env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET) \
-        if evaluated else None
+        attempt("final.pt", lambda: save_checkpoint(out_dir / "final.pt", net, best.config))
+        if not stopped:
+            attempt("best.pt's last check", lambda: best.consider(net, tracker.ema, always=True))
+    best_net = attempt("best.pt", lambda: load_agent(out_dir / "best.pt", config.device)[0]) \
+        if (out_dir / "best.pt").exists() else None  # (none: diverged before any save)
+    returns = attempt("the evaluation", lambda: evaluate(best_net, config.env_id, config.eval_episodes,
+                                                         config.seed + EVAL_SEED_OFFSET)) \
+        if best_net is not None and not stopped else None
+    evaluated = returns is not None
     seconds, collect_seconds = time.perf_counter() - log.start, log.seconds["collect"]
     summary = dict(
         solved_at_step=tracker.solved_at_step, solved_at_seconds=log.solved_at_seconds,
@@ -1078,14 +1165,18 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
         seconds=seconds, steps_per_second=log.env_steps / seconds, collect_seconds=collect_seconds,
         update_seconds=log.seconds["update"],
         collect_steps_per_second=log.env_steps / collect_seconds if collect_seconds else None,
-        confirm_seconds=best.seconds, signal=signal_name, divergence=divergence, out_dir=str(out_dir),
+        confirm_seconds=best.seconds, signal=signal_name, divergence=divergence,
+        error=first_failure(), out_dir=str(out_dir),
         device=config.device, torch_threads=torch.get_num_threads(), versions=versions(), config=best.config)
-    atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    attempt("summary.json", lambda: atomic_write(out_dir / "summary.json",
+                                                 lambda f: f.write(json.dumps(summary, indent=2).encode())))
     if config.plot:
-        plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return, out_dir / "training.png",
-                      tracker.solved_at_step, config.target_kl)
-    if config.gif and best_net is not None:
-        render_gif(best_net, config.env_id, out_dir / "agent.gif", seed=config.seed + EVAL_SEED_OFFSET)
+        attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return,
+                                                      out_dir / "training.png", tracker.solved_at_step, config.target_kl))
+    if config.gif and best_net is not None and error is None:
+        attempt("agent.gif", lambda: render_gif(best_net, config.env_id, out_dir / "agent.gif",
+                                                seed=config.seed + EVAL_SEED_OFFSET))
+    summary["error"] = first_failure()  # a clean-up step's too, which summary.json could not hold
     solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
               if tracker.solved_at_step is not None else "diverged" if divergence else "not solved")
     played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
@@ -1292,7 +1383,22 @@ def run_eval(config: Config) -> None:
         print(f"wrote {gif_path}")
 
 
-EXIT_STATUS = {"done": 0, "diverged": 1, "user error": 2, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal
+EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal
+
+
+class RunStopped(Exception):
+    """A run that cannot go on through no fault of PPO's code: main prints one line and exits 1."""
+
+
+class WriteError(RunStopped):
+    """A file of the run that could not be written (a full disk, a folder gone)."""
+
+    def __init__(self, path, exc: OSError):
+        super().__init__(f"could not write {path}: {exc.strerror or exc}")
+
+
+class NonFiniteEnv(RunStopped):
+    """An env that returned a NaN or infinite observation or reward: the env's bug, not divergence."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1309,9 +1415,11 @@ def raise_interrupted(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 diverged, 2 a user error (bad flag, bad checkpoint), 130 Ctrl-C,
-    143 SIGTERM. A second signal during the clean-up stops it; the checkpoints, summary.json, plot
-    and GIF are written atomically and the CSVs an iteration at a time, so none is left half-written."""
+    """Exit status: 0 done; 1 stopped early (diverged, the env returned NaN, a file could not be
+    written, or the env raised: then its traceback); 2 a user error (bad flag, bad checkpoint, a run
+    folder taken); 130 Ctrl-C; 143 SIGTERM. A second signal during the clean-up stops it; the
+    checkpoints, summary.json, plot and GIF are written atomically and the CSVs a whole row at a
+    time, so none is left half-written."""
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         config = parse_args(argv)
@@ -1319,7 +1427,10 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(config)
             return EXIT_STATUS["done"]
         summary = train(config)
-        return EXIT_STATUS[summary["signal"] or ("diverged" if summary["divergence"] else "done")]
+        if summary["error"]:
+            print(f"error: {summary['error']}", file=sys.stderr)
+        return EXIT_STATUS[summary["signal"] or ("stopped early" if summary["divergence"] or summary["error"]
+                                                 else "done")]
     except UsageError as exc:
         parser = build_parser()
         parser.print_usage(sys.stderr)

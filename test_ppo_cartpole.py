@@ -7,9 +7,12 @@ number, torch's own Categorical, gymnasium's RecordEpisodeStatistics, or a prope
 import ast
 import csv
 import dataclasses
+import errno
 import importlib
+import io
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -1631,14 +1634,43 @@ def test_out_dir_with_an_earlier_run_is_refused_so_nothing_is_overwritten(tmp_pa
     ppo.parse_args(["--out-dir", str(tmp_path / "run"), "--eval", str(tmp_path / "run" / "best.pt")])  # eval: fine
 
 
-def test_default_out_dir_is_the_checked_one_and_an_earlier_run_there_is_refused(tmp_path, monkeypatch, capsys):
+def test_a_run_folder_is_claimed_once_and_the_default_one_is_always_fresh(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    config = ppo.parse_args(["--seed", "7"])
-    assert config.out_dir.startswith("runs/CartPole-v1__seed7__")  # resolved once, used by train
-    assert Path(config.out_dir).is_dir()  # made by parse_args: proof that it can be
-    (Path(config.out_dir) / "summary.json").write_text("{}")  # a run launched in the same second
-    monkeypatch.setattr(ppo, "default_out_dir", lambda env_id, seed: config.out_dir)
-    assert "--out-dir" in refusal(["--seed", "7"], capsys)
+    assert ppo.parse_args(["--seed", "7"]).out_dir is None  # the default: made fresh by the run itself
+    first = ppo.claim_run_folder(str(tmp_path / "given"), "CartPole-v1", 7)
+    with pytest.raises(ppo.UsageError, match="--out-dir: must be a folder without an earlier run"):
+        ppo.claim_run_folder(str(tmp_path / "given"), "CartPole-v1", 7)  # the same folder, a second time
+    assert first == tmp_path / "given" and "--out-dir" in refusal(["--out-dir", str(first)], capsys)
+    monkeypatch.setattr(ppo, "default_out_dir", lambda env_id, seed: "runs/CartPole-v1__seed7__same-second")
+    fresh = [ppo.claim_run_folder(None, "CartPole-v1", 7) for _ in range(3)]
+    assert [str(path) for path in fresh] == ["runs/CartPole-v1__seed7__same-second",
+                                            "runs/CartPole-v1__seed7__same-second-2",
+                                            "runs/CartPole-v1__seed7__same-second-3"]
+    summary = ppo.train(ppo.parse_args(QUICK + ["--episodes", "1", "--confirm-episodes", "0", "--no-plot", "--no-gif"]))
+    assert summary["out_dir"] == summary["config"]["out_dir"] == "runs/CartPole-v1__seed7__same-second-4"
+
+
+def test_of_two_runs_that_both_passed_the_checks_the_second_to_claim_the_folder_writes_nothing(tmp_path):
+    """The race the checks cannot see: both runs parsed while the folder was still empty."""
+    argv = QUICK + ["--episodes", "2", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir", str(tmp_path)]
+    first, second = ppo.parse_args(argv), ppo.parse_args(argv)
+    ppo.train(first)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(ppo.UsageError, match="is another run's"):
+        ppo.train(second)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files and "metrics.csv" in files
+
+
+@pytest.mark.shell
+def test_two_runs_started_at_once_into_one_folder_one_is_refused_and_the_other_keeps_its_files(tmp_path):
+    argv = [sys.executable, str(Path(ppo.__file__)), *QUICK, "--episodes", "6", "--confirm-episodes", "0",
+            "--no-plot", "--no-gif", "--out-dir", str(tmp_path / "run")]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((proc.wait(timeout=120), proc.stderr.read()) for proc in procs)
+    assert [status for status, _ in results] == [0, 2]
+    refused = [line for line in results[1][1].splitlines() if "error:" in line]
+    assert len(refused) == 1 and "--out-dir" in refused[0] and "Traceback" not in results[1][1]
+    assert [int(row["iteration"]) for row in read_csv(tmp_path / "run" / "metrics.csv")] == list(range(6))
 
 
 def test_an_out_dir_that_cannot_be_created_is_refused_and_nothing_is_left(tmp_path, capsys):
@@ -1661,7 +1693,7 @@ def check_consistent(config):
     assert 0 < config.num_iterations <= 10**9
     assert 0 < config.lr and 0 <= config.gamma <= 1 and 0 <= config.gae_lambda <= 1 and 0 < config.clip_eps < 1
     assert 0 <= config.seed < 2**31 and 0 < config.threads and config.env_backend in ("gymnasium", "torch")
-    assert config.eval is not None or (config.target_return is not None and Path(config.out_dir).is_dir())
+    assert config.eval is not None or (config.target_return is not None and Path(config.out_dir or "runs").is_dir())
 
 
 def test_fuzzed_argument_lists_parse_or_are_refused_naming_a_flag(capsys):
@@ -2064,6 +2096,115 @@ def test_dashboard_reads_csv_rows_as_written(tmp_path):
 
 
 # ==== Main ========================================================================================
+
+class FullDisk:
+    """The run folder's disk fills up at the `at`-th append to episodes.csv, which gets half its bytes
+    written before ENOSPC; from then on every write into the folder fails, as on a full disk."""
+
+    def __init__(self, monkeypatch, out, at):
+        self.out, self.at, self.appends, self.full = Path(out), at, 0, False
+        real_write, real_open = os.write, open
+
+        def write(fd, data):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if not path.startswith(str(self.out)):
+                return real_write(fd, data)
+            if path.endswith("episodes.csv") and not self.full:
+                self.appends += 1
+                if self.appends == self.at:
+                    self.full = True
+                    real_write(fd, bytes(data)[:len(data) // 2])  # a partial row reaches the disk
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        class Full(io.RawIOBase):  # a file opened for writing once the disk is full
+            def writable(self):
+                return True
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def open_(path, mode="r", *args, **kwargs):
+            if self.full and "w" in mode and str(path).startswith(str(self.out)):
+                real_open(path, mode, *args, **kwargs).close()  # the file is made; nothing fits in it
+                return Full()
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(ppo, "open", open_, raising=False)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_what_was_written_stays_whole(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    disk = FullDisk(monkeypatch, out, at=4)
+    status = ppo.main(QUICK + ["--episodes", "20", "--confirm-episodes", "0", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert disk.full and status == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: iteration 3: could not write {out / 'episodes.csv'}: "
+                                            "No space left on device")
+    assert [line.split(":")[0] for line in err.splitlines() if line.startswith("skipped")] == \
+        ["skipped final.pt", "skipped summary.json", "skipped training.png"]  # one line each, then the error
+    episodes, metrics = read_csv(out / "episodes.csv"), read_csv(out / "metrics.csv")
+    assert len(metrics) == 3 and all(None not in row.values() and len(row) == 7 for row in episodes)
+    assert int(episodes[-1]["env_step"]) <= 3 * 256  # whole rows of the first 3 iterations, none of the 4th
+    ppo.load_agent(out / "best.pt")  # saved before the disk filled, and whole
+    assert not [path for path in out.iterdir() if path.name.endswith(".tmp")]
+
+
+class BrokenCartPole(gym.Wrapper):
+    """CartPole with a bug of its user's: from its 150th step, `fault` (a NaN observation, a NaN
+    reward, or an exception)."""
+
+    def __init__(self, fault="nan observation"):
+        super().__init__(gym.make("CartPole-v1").unwrapped)
+        self.fault, self.steps = fault, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        if self.steps >= 150:
+            if self.fault == "raise":
+                raise RuntimeError("the user's env broke")
+            if self.fault == "nan reward":
+                reward = float("nan")
+            else:
+                obs = np.full_like(obs, np.nan)
+        return obs, reward, terminated, truncated, info
+
+
+@pytest.mark.parametrize("fault, what", [("nan observation", "observation"), ("nan reward", "reward")])
+def test_an_env_that_returns_nan_is_named_not_taken_for_divergence(tmp_path, capsys, fault, what):
+    gym.register(f"Broken-{what}-v0", entry_point=f"{__name__}:BrokenCartPole", kwargs=dict(fault=fault),
+                 max_episode_steps=500, reward_threshold=475)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--env-id", f"Broken-{what}-v0", "--episodes", "20", "--confirm-episodes", "0",
+                             "--no-gif", "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    values = r"\[nan, nan, nan, nan\]" if what == "observation" else r"\[nan\]"  # (envs step apart: autoresets)
+    assert re.fullmatch(rf"error: iteration 2: Broken-{what}-v0: [1-4] of 4 envs returned a non-finite {what} "
+                        rf"\(env [0-3]: {values}\)", err.strip().splitlines()[-1]), err
+    assert "--lr" not in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error"].startswith("iteration 2: ") and summary["iterations"] == 2 and summary["divergence"] is None
+    for name in ("best.pt", "final.pt", "training.png", "metrics.csv"):
+        assert (out / name).exists(), name
+
+
+def test_an_env_that_raises_keeps_the_files_then_shows_its_own_error(tmp_path, capsys):
+    gym.register("Broken-raise-v0", entry_point=f"{__name__}:BrokenCartPole", kwargs=dict(fault="raise"),
+                 max_episode_steps=500, reward_threshold=475)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the user's env broke"):  # main lets it through: Python's traceback
+        ppo.main(QUICK + ["--env-id", "Broken-raise-v0", "--episodes", "20", "--no-gif", "--out-dir", str(out)])
+    assert "RuntimeError at iteration 2: writing final.pt" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error"] == "iteration 2: RuntimeError: the user's env broke"
+    assert len(read_csv(out / "metrics.csv")) == 2
+    for name in ("best.pt", "final.pt", "training.png"):
+        assert (out / name).exists(), name
+
 
 @pytest.mark.shell
 def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
