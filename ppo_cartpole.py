@@ -130,22 +130,23 @@ class NumpyToTorch(gym.vector.VectorWrapper):
         super().__init__(envs)
         self.device = device
 
-    def _tensor(self, array, what: str, dtype=None) -> torch.Tensor:
-        if dtype is torch.float32 and not np.isfinite(array).all():
+    def _tensor(self, array, what: str | None = None) -> torch.Tensor:
+        """An observation or reward (`what`) as float32, checked finite; a flag as it is."""
+        if what is not None and not np.isfinite(array).all():
             rows = np.reshape(array, (len(array), -1))  # [N, ...] -> [N, -1]
             bad = np.nonzero(~np.isfinite(rows).all(axis=1))[0]
             raise NonFiniteEnv(f"{self.spec.id if self.spec else 'the env'}: {len(bad)} of {len(rows)} envs returned "
                                f"a non-finite {what} (env {bad[0]}: {rows[bad[0]].tolist()})")
-        return torch.as_tensor(array, dtype=dtype, device=self.device)
+        return torch.as_tensor(array, dtype=None if what is None else torch.float32, device=self.device)
 
     def reset(self, seed: int | None = None):
         obs, info = self.env.reset(seed=seed)
-        return self._tensor(obs, "observation", torch.float32), info
+        return self._tensor(obs, "observation"), info
 
     def step(self, actions: torch.Tensor):
         obs, rewards, terminated, truncated, info = self.env.step(actions.cpu().numpy())
-        return (self._tensor(obs, "observation", torch.float32), self._tensor(rewards, "reward", torch.float32),
-                self._tensor(terminated, "terminated"), self._tensor(truncated, "truncated"), info)
+        return (self._tensor(obs, "observation"), self._tensor(rewards, "reward"), self._tensor(terminated),
+                self._tensor(truncated), info)
 
 
 # ==== Model =======================================================================================
@@ -1108,8 +1109,10 @@ class RunLog:
                    last_return=episodes[-1]["return"] if episodes else None, ema_return=tracker.ema,
                    mean100_return=tracker.mean_recent, success_rate=tracker.success_rate, **columns)
         self.write("metrics", [row])
-        self.progress = dict(steps=self.env_steps, ret=row["last_return"], ema=f"{tracker.ema or 0:.0f}",
-                             mean100=f"{tracker.mean_recent:.0f}", sps=row["steps_per_second"])
+        last = row["last_return"]  # all text: tqdm writes a number as 2e+6 or 2029568, whichever is shorter
+        self.progress = dict(steps=str(self.env_steps), ret="" if last is None else f"{last:g}",
+                             ema=f"{tracker.ema or 0:.0f}", mean100=f"{tracker.mean_recent:.0f}",
+                             sps=str(row["steps_per_second"]))
 
 
 def versions() -> dict:

@@ -1301,6 +1301,15 @@ def test_the_progress_bar_shows_the_run_as_it_goes(tmp_path, capsys):
     assert re.match(r"PPO: 100%.* 3/3 .*it/s, steps=768, ret=[\d.]+, ema=\d+, mean100=\d+, sps=\d+\]$", last), last
 
 
+def test_the_progress_bar_writes_integers_as_integers_however_long():
+    bar = tqdm.tqdm(total=1, file=io.StringIO())
+    log = types.SimpleNamespace(env_steps=2_000_000, tracker=ppo.ReturnTracker(0.1, 475), rows={"episodes": []},
+                                start=time.perf_counter() - 1.0, write=lambda name, rows: None)
+    ppo.RunLog.metrics(log, 0, {}, episodes=0)
+    bar.set_postfix(log.progress)
+    assert "steps=2000000," in str(bar) and re.search(r"sps=\d{6,7}\b", str(bar)), str(bar)
+
+
 def test_training_draws_nothing_from_torchs_global_rng(tmp_path, monkeypatch):
     """Sampling and shuffling use the run's own generator, so other code drawing from torch's
     global RNG during the run (a library, a user's hook) leaves the run as it was."""
@@ -2161,6 +2170,15 @@ class BrokenCartPole(gym.Wrapper):
         super().__init__(gym.make("CartPole-v1").unwrapped)
         self.fault, self.steps = fault, 0
 
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return (np.full_like(obs, np.inf) if self.fault == "inf at reset" else obs), info
+
+    def close(self):
+        super().close()
+        if self.fault == "raise" and self.steps >= 150:
+            raise RuntimeError("and its close broke too")  # the first error must still be the one shown
+
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
@@ -2190,6 +2208,26 @@ def test_an_env_that_returns_nan_is_named_not_taken_for_divergence(tmp_path, cap
     assert summary["error"].startswith("iteration 2: ") and summary["iterations"] == 2 and summary["divergence"] is None
     for name in ("best.pt", "final.pt", "training.png", "metrics.csv"):
         assert (out / name).exists(), name
+
+
+@pytest.mark.filterwarnings("ignore:.*not within the observation space")  # the env's bug, which gymnasium sees too
+def test_an_env_that_starts_non_finite_is_named_before_the_first_iteration(tmp_path, capsys):
+    gym.register("Broken-reset-v0", entry_point=f"{__name__}:BrokenCartPole", kwargs=dict(fault="inf at reset"),
+                 max_episode_steps=500, reward_threshold=475)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--env-id", "Broken-reset-v0", "--no-gif", "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "NonFiniteEnv at iteration 0: writing" in err and err.strip().splitlines()[-1] == (
+        "error: iteration 0: Broken-reset-v0: 4 of 4 envs returned a non-finite observation (env 0: [inf, inf, inf, inf])")
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 0 and (out / "final.pt").exists()
+
+
+def test_a_vector_env_without_a_spec_is_named_as_the_env():
+    envs = ppo.NumpyToTorch(gym.vector.SyncVectorEnv([lambda: BrokenCartPole("nan reward")]), torch.device("cpu"))
+    envs.reset(seed=0)
+    with pytest.raises(ppo.NonFiniteEnv, match=r"^the env: 1 of 1 envs returned a non-finite reward \(env 0: \[nan\]\)$"):
+        for _ in range(500):
+            envs.step(torch.zeros(1, dtype=torch.long))
 
 
 def test_an_env_that_raises_keeps_the_files_then_shows_its_own_error(tmp_path, capsys):
