@@ -884,7 +884,7 @@ def claim_run_folder(out_dir: str | None, env_id: str, seed: int) -> Path:
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         raise UsageError("--out-dir", f"must be a folder without an earlier run ({path} is another run's: "
                          f"it has {CLAIM_FILE})") from None
@@ -1262,7 +1262,8 @@ PANELS = [("policy_loss", "policy loss (-L^CLIP, minimised)", "tab:blue", False)
 
 
 def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean of the last `window` values at each index (fewer at the start), NaNs skipped."""
+    """Trailing mean of the last `window` values at each index (fewer at the start), NaNs skipped;
+    window: an int, or one per index."""
     finite = np.isfinite(x)
     sums = np.concatenate([[0.0], np.cumsum(np.where(finite, x, 0.0))])
     counts = np.concatenate([[0], np.cumsum(finite)])
@@ -1280,8 +1281,9 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     returns (each episode, EMA, last-100 mean, target, success rate, best.pt's saves): on the left
     up to LEARNING_PHASE times the solve step, where the learning happens, on the right the whole
     run (one wide panel when the run ended sooner). Below, a panel per entry of PANELS against env
-    steps, a noisy one with its trend line; kl_target is drawn on the KL, and the entropy coefficient
-    beside the lr when it is ever > 0.
+    steps, a noisy one with its trend line, on a log axis when the run went on past the learning
+    phase (shaded); kl_target is drawn on the KL, and the entropy coefficient beside the lr when it
+    is ever > 0.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -1294,7 +1296,10 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     ends = (learning_end, last_step) if learning_end < last_step else (last_step,)  # or one wide panel
     tops = [fig.add_subplot(grid[0, column]) for column in (0, 1)] if len(ends) == 2 else [fig.add_subplot(grid[0, :])]
     ax_whole = tops[-1]
-    axes = tops + [fig.add_subplot(grid[row, column], sharex=ax_whole) for row in range(1, 5) for column in range(2)]
+    diagnostics = [fig.add_subplot(grid[row, column]) for row in range(1, 5) for column in range(2)]
+    for ax in diagnostics[1:]:
+        ax.sharex(diagnostics[0])
+    axes = tops + diagnostics
     stride = max(1, math.ceil(len(episodes) / PLOT_MAX_POINTS))
     saves = [float(row["env_steps"]) for row in metrics if float(row.get("best_saved") or 0)]
     for ax, end in zip(tops, ends):
@@ -1322,7 +1327,11 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
         tops[0].set_title(f"PPO learning: the first {learning_end:,.0f} env steps", loc="left", fontsize=10)
     ax_whole.set_title(f"the whole run: {last_step:,.0f} env steps ({solved})", loc="left", fontsize=10)
 
+    # Past the learning phase, log steps: the learning, a few % of a long run, gets most of each panel's
+    # width, and the trend's window grows with the run (the last 10% of its iterations), even on that axis.
+    log_steps = len(tops) == 2
     window = max(1, len(metrics) // 100)  # a long run's per-iteration noise, with its trend drawn over it
+    windows = np.maximum(1, np.arange(1, len(metrics) + 1) // 10) if log_steps else window
     steps, entropy_coef = col(metrics, "env_steps"), col(metrics, "entropy_coef")
     for ax, (key, title, color, log) in zip(axes[len(tops):], PANELS):
         values = col(metrics, key)
@@ -1338,7 +1347,8 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
         noisy = window > 1 and key not in ("lr", "best_confirmed_return")
         ax.plot(steps, values, color=color, lw=0.8, alpha=0.35 if noisy else 1.0)
         if noisy:
-            ax.plot(steps, rolling_mean(values, window), color=color, lw=1.6, label=f"mean of {window} iterations")
+            ax.plot(steps, rolling_mean(values, windows), color=color, lw=1.6,
+                    label="mean of the last 10% of iterations" if log_steps else f"mean of {window} iterations")
         if key == "approx_kl" and kl_target is not None:
             ax.axhline(kl_target, color="black", ls="--", lw=1, label=f"target {kl_target:g}")
         if key == "lr":  # from 0, as the linear schedule it is: a short run's lr barely moves
@@ -1348,10 +1358,15 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
                 title += ", entropy coefficient (olive, right)"
         if solved_at_step is not None:
             ax.axvline(solved_at_step, color="black", lw=0.8, alpha=0.5)
+        if log_steps:  # the top-left panel's span, shaded
+            ax.axvspan(steps[0], learning_end, color="tab:blue", alpha=0.06, lw=0)
         ax.set_title(title, fontsize=10, loc="left")
         ax.set_yscale("log" if log else "linear")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=8)
+    if log_steps:
+        diagnostics[0].set_xscale("log")
+        diagnostics[0].set_xlim(steps[0], 1.05 * last_step)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M, not 1500000

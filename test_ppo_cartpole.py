@@ -2062,6 +2062,27 @@ def test_the_learning_phase_gets_its_own_returns_panel_only_when_the_run_went_on
         assert lr_axis.get_ylim() == pytest.approx((0, 1.05 * 0.5))  # from 0 to the largest lr, 0.5
 
 
+def test_the_diagnostics_show_the_learning_phase_on_log_steps_when_the_run_went_on_after_it(tmp_path):
+    episodes, metrics = dashboard_rows(num_iterations=400)  # up to env step 40,000
+    for solved_at_step, scale in [(1000, "log"), (20_000, "linear"), (None, "linear")]:
+        fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=solved_at_step)
+        diagnostics = [ax for ax in fig.axes if ax.get_title(loc="left") and ax.get_ylabel() != "return"]
+        assert len(diagnostics) == 8 and {ax.get_xscale() for ax in diagnostics} == {scale}
+        if scale == "log":  # the learning phase, shaded, up to 3 x the solve; the whole run after it
+            span = diagnostics[0].patches[0]  # a Rectangle (a Polygon in matplotlib < 3.9)
+            xs = [span.get_x(), span.get_x() + span.get_width()] if hasattr(span, "get_width") else \
+                [x for x, _ in span.get_xy()]
+            assert (min(xs), max(xs)) == (100, 3000)
+            assert diagnostics[0].get_xlim() == pytest.approx((100, 1.05 * 40_000))
+
+
+def test_rolling_mean_takes_a_window_per_index():
+    x = np.arange(10.0)
+    windows = np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    expected = [x[max(0, i + 1 - w):i + 1].mean() for i, w in enumerate(windows)]
+    assert ppo.rolling_mean(x, windows).tolist() == pytest.approx(expected)
+
+
 def test_dashboard_clips_explained_variance_and_says_so(tmp_path):
     episodes, metrics = dashboard_rows()  # explained variance 1, 0, -1, -2, -3
     fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
@@ -2087,6 +2108,11 @@ def test_a_long_runs_diagnostics_get_a_trend_line(tmp_path):
     fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
     clip_axis = next(ax for ax in fig.axes if "clip fraction" in ax.get_title(loc="left"))
     assert [line.get_label() for line in clip_axis.get_lines()][-1] == "mean of 4 iterations"
+    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=1000)  # log steps
+    clip_axis = next(ax for ax in fig.axes if "clip fraction" in ax.get_title(loc="left"))
+    trend = next(line for line in clip_axis.get_lines() if line.get_label() == "mean of the last 10% of iterations")
+    values = [(i + 1) * 0.1 for i in range(400)]
+    assert trend.get_ydata()[199] == pytest.approx(np.mean(values[180:200]))  # at iteration 200: the last 20
 
 
 def test_dashboard_thins_the_episode_dots_of_a_long_run(tmp_path):
