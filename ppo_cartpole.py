@@ -855,15 +855,19 @@ def check_config(c: Config) -> None:
             f"a divisor of --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
     cores = os.cpu_count() or 1
     require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
-    if c.eval is None and c.out_dir is not None:  # never overwrite a run: its best.pt may be all the user has of it
-        taken = [name for name in (CLAIM_FILE, "best.pt", "final.pt", "summary.json", "metrics.csv")
-                 if (Path(c.out_dir) / name).exists()]
-        require(not taken, "--out-dir", f"a folder without an earlier run ({c.out_dir} has {', '.join(taken)})")
+    if c.eval is None and c.out_dir is not None:  # early, before training; claim_run_folder checks again
+        require_no_earlier_run(Path(c.out_dir))
 
 
 # ==== Files: atomic writes and checkpoints ========================================================
 
 CLAIM_FILE = ".ppo_cartpole-run"  # in every run folder: the run that made it owns it
+
+
+def require_no_earlier_run(path: Path) -> None:
+    """Never overwrite a run: its best.pt may be all the user has of it."""
+    taken = [name for name in (CLAIM_FILE, "best.pt", "final.pt", "summary.json", "metrics.csv") if (path / name).exists()]
+    require(not taken, "--out-dir", f"a folder without an earlier run ({path} has {', '.join(taken)})")
 
 
 def claim_run_folder(out_dir: str | None, env_id: str, seed: int) -> Path:
@@ -882,6 +886,7 @@ def claim_run_folder(out_dir: str | None, env_id: str, seed: int) -> Path:
                 break
     else:
         path = Path(out_dir)
+        require_no_earlier_run(path)  # a folder from before claim files, or a Python caller's
         path.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))

@@ -1659,15 +1659,24 @@ def test_a_run_folder_is_claimed_once_and_the_default_one_is_always_fresh(tmp_pa
     assert summary["out_dir"] == summary["config"]["out_dir"] == "runs/CartPole-v1__seed7__same-second-4"
 
 
-def test_of_two_runs_that_both_passed_the_checks_the_second_to_claim_the_folder_writes_nothing(tmp_path):
-    """The race the checks cannot see: both runs parsed while the folder was still empty."""
+def test_of_two_runs_that_both_passed_the_checks_the_second_to_claim_the_folder_writes_nothing(tmp_path, monkeypatch):
+    """The race the checks cannot see: both runs looked while the folder was still empty."""
     argv = QUICK + ["--episodes", "2", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir", str(tmp_path)]
     first, second = ppo.parse_args(argv), ppo.parse_args(argv)
     ppo.train(first)
     files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr(ppo, "require_no_earlier_run", lambda path: None)  # its look came before the first's claim
     with pytest.raises(ppo.UsageError, match="is another run's"):
         ppo.train(second)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files and "metrics.csv" in files
+
+
+def test_train_from_python_never_overwrites_an_earlier_run(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"the only copy of a good policy")  # a run from before claim files
+    with pytest.raises(ppo.UsageError, match="has best.pt"):
+        ppo.train(ppo.Config(out_dir=str(tmp_path), num_iterations=1, plot=False, gif=False))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt"]
+    assert (tmp_path / "best.pt").read_bytes() == b"the only copy of a good policy"
 
 
 @pytest.mark.shell
