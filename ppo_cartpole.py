@@ -785,8 +785,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     config = Config(**vars(build_parser().parse_args(argv)))
     require(config.device != "cuda" or torch.cuda.is_available(), "--device",
             "auto or cpu: CUDA is not available on this machine")
-    # Before resolve, which reads the env's spec (--eval trains nothing: CartPole's sizes stand in).
-    obs_dim, act_dim = check_env(config) if config.eval is None else (4, 2)
+    if config.eval is None:  # before resolve, which reads the env's spec (--eval trains nothing)
+        check_env(config)
     config = resolve(config)
     check_config(config)
     if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
@@ -805,8 +805,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return config
 
 
-def check_env(config: Config) -> tuple[int, int]:
-    """Make the env once to check what PPO here relies on; returns its sizes (D, A)."""
+def check_env(config: Config) -> None:
+    """Make the env once to check what PPO here relies on."""
     try:
         spec = env_spec(config.env_id)
         env = gym.make(config.env_id)
@@ -822,7 +822,6 @@ def check_env(config: Config) -> tuple[int, int]:
             "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
     require(config.target_return is not None or spec.reward_threshold is not None, "--target-return",
             f"given for {config.env_id}, which has no reward_threshold")
-    return observation_space.shape[0], action_space.n
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -1069,8 +1068,10 @@ class RunLog:
         self.seconds = {"collect": 0.0, "update": 0.0}
         self.fields = {"episodes": EPISODE_FIELDS, "metrics": METRIC_FIELDS}
         self.rows: dict[str, list[dict]] = {name: [] for name in self.fields}  # as in episodes.csv and metrics.csv
-        for name, fields in self.fields.items():
-            atomic_write(self.out_dir / f"{name}.csv", lambda f: f.write((",".join(fields) + "\r\n").encode()))
+        for name, fields in self.fields.items():  # the header: written as the rows are, by csv.DictWriter
+            header = io.StringIO()
+            csv.DictWriter(header, fields).writeheader()
+            atomic_write(self.out_dir / f"{name}.csv", lambda f: f.write(header.getvalue().encode()))
         self.env_steps, self.progress = 0, {}
         self.solved_at_seconds = self.solved_at_iteration = None
         settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"

@@ -890,16 +890,15 @@ def unmasked_update(net, optimizer, rollout, advantages, returns, update_epochs,
     obs, actions = rollout.obs.flatten(0, 1), rollout.actions.flatten()
     old_logprobs, adv, R = rollout.logprobs.flatten(), advantages.flatten(), returns.flatten()
     for _ in range(update_epochs):
-        for mb in [torch.arange(len(obs))]:
-            logits, values = net(obs[mb])
-            dist = torch.distributions.Categorical(logits=logits)
-            ratio = torch.exp(dist.log_prob(actions[mb]) - old_logprobs[mb])
-            policy_loss = -torch.min(ratio * adv[mb], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[mb]).mean()
-            loss = policy_loss + value_coef * 0.5 * ((values - R[mb]) ** 2).mean() - entropy_coef * dist.entropy().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            clip_gradient_norm(net, max_grad_norm)
-            optimizer.step()
+        logits, values = net(obs)
+        dist = torch.distributions.Categorical(logits=logits)
+        ratio = torch.exp(dist.log_prob(actions) - old_logprobs)
+        policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv).mean()
+        loss = policy_loss + value_coef * 0.5 * ((values - R) ** 2).mean() - entropy_coef * dist.entropy().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        clip_gradient_norm(net, max_grad_norm)
+        optimizer.step()
 
 
 def clip_gradient_norm(net, max_norm):
