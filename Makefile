@@ -4,7 +4,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.ppo-cartpole-installed
 
-.PHONY: install train train-post test test-slow test-floors mutate bench long-run ablations clip-figure clean
+.PHONY: install train train-post test test-slow test-floors mutate mutate-semantic bench long-run ablations clip-figure clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the f
 	$(PYTHON) -m pip install -q -r mutation/requirements.txt
 	$(PYTHON) mutation/score.py
 
+mutate-semantic: $(STAMP)  ## plant the bugs mutmut cannot (a value scaled, a threshold moved, a mask inverted, ...) and count what the fast tests catch (~N min; not in CI)
+	$(PYTHON) mutation/semantic.py
+
 bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds each, then env backends (~3 min)
 	$(PYTHON) -m pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/solve_bench.py --seeds 5 --out bench/results
@@ -54,4 +57,4 @@ clip-figure: $(STAMP)  ## assets/clip.png: L^CLIP of one sample against the rati
 	$(PYTHON) docs/clip_figure.py
 
 clean:
-	rm -rf runs .pytest_cache __pycache__ mutants .venv-floors
+	rm -rf runs .pytest_cache __pycache__ mutants mutants-semantic .venv-floors

@@ -462,8 +462,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     read on the host, which a GPU graph cannot replay. A minibatch without a valid step has zero
     loss and gradient (at the default sizes, it does not happen).
 
-    Returns, averaged over the valid samples of the minibatches stepped: the losses, entropy, clip
-    fraction; approx KL (with the minibatch that stopped the update, as SB3 logs it); the explained
+    Returns, averaged over the valid samples of the minibatches stepped: the losses (the three terms
+    and `loss`, eq. 9's total), entropy, clip fraction, `grad_norm` (before clipping); approx KL (with the minibatch that stopped the update, as SB3 logs it); the explained
     variance of V_old; epochs completed, minibatches run; `nonfinite`, which of "loss", "gradient
     norm", "parameters" went NaN or infinite. One host read per update (target_kl: one per minibatch).
 
@@ -526,8 +526,9 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
     nonfinite = [name for name, ok in (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
                                        ("parameters", weights_ok)) if not ok]
-    return dict(policy_loss=policy_loss, value_loss=v_loss, entropy=entropy, approx_kl=kl, clip_fraction=clip_fraction,
-                explained_variance=ev, epochs=epochs, minibatches=minibatches, nonfinite=nonfinite)
+    return dict(policy_loss=policy_loss, value_loss=v_loss, entropy=entropy, loss=loss, grad_norm=grad_norm,
+                approx_kl=kl, clip_fraction=clip_fraction, explained_variance=ev, epochs=epochs, minibatches=minibatches,
+                nonfinite=nonfinite)
 
 
 # ==== The training loop ===========================================================================

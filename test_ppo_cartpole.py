@@ -138,6 +138,16 @@ def test_numpy_envs_of_any_float_dtype_give_float32_tensors():
         (torch.float32, torch.float32, torch.float32, torch.bool, torch.bool)
 
 
+def test_a_non_finite_observation_names_how_many_envs_and_the_first_ones_values():
+    """Planted: the values shown scaled, or the last bad env named instead of the first."""
+    envs = ppo.NumpyToTorch(ScriptedEnvs([([False] * 4, [False] * 4)]), torch.device("cpu"))
+    obs = np.array([[0.5, 1.0, 1.5, 2.0], [0.5, np.nan, 1.25, 2.0], [0.0] * 4, [np.inf, 0.0, 0.0, 0.0]], np.float32)
+    message = "the env: 2 of 4 envs returned a non-finite observation (env 1: [0.5, nan, 1.25, 2.0])"
+    with pytest.raises(ppo.NonFiniteEnv) as raised:
+        envs._tensor(obs, "observation")
+    assert str(raised.value) == message
+
+
 # ==== Model =======================================================================================
 
 def test_actor_critic_shapes_and_near_uniform_first_policy():
@@ -147,6 +157,16 @@ def test_actor_critic_shapes_and_near_uniform_first_policy():
     probs = torch.softmax(logits, -1)
     assert torch.allclose(probs, torch.full_like(probs, 0.5), atol=0.02)  # policy head gain 0.01
     assert all(isinstance(x, int) for x in (net.obs_dim, net.act_dim, net.hidden))
+
+
+def test_forward_is_the_shared_trunk_then_each_head_written_out():
+    """Planted: a head's output scaled or negated (the value head's sign is invisible to training)."""
+    net, obs = small_net(3), torch.randn(6, 4)
+    (w1, b1), (w2, b2) = ((layer.weight, layer.bias) for layer in (net.trunk[0], net.trunk[2]))
+    features = torch.relu(torch.relu(obs @ w1.T + b1) @ w2.T + b2)
+    logits, values = net(obs)
+    assert torch.allclose(logits, features @ net.policy_head.weight.T + net.policy_head.bias, atol=1e-6)
+    assert torch.allclose(values, (features @ net.value_head.weight.T).squeeze(1) + net.value_head.bias, atol=1e-6)
 
 
 def test_layers_are_orthogonal_with_the_baselines_gains_and_zero_biases():
@@ -326,6 +346,20 @@ def test_truncated_and_terminated_on_the_same_step_is_a_termination():
     assert r.rewards[1, 0].item() == pytest.approx(1 + 0.5 * value_of_final_obs, abs=1e-6)
     assert r.rewards[1, 1].item() == 1.0
     assert r.valid[2].tolist() == [0.0, 0.0]
+
+
+def test_a_truncation_at_the_rollouts_last_step_bootstraps_from_last_value():
+    """The last step's bootstrap comes from last_value, V(obs after the rollout), not from a next row.
+    Planted: that bootstrap scaled, zeroed or negated."""
+    flags = [([False, False], [False, False]), ([False, True], [True, False])]  # at t=1: env 0 truncated, env 1 fell
+    net = small_net()
+    collector = ppo.Collector(ppo.NumpyToTorch(ScriptedEnvs(flags), torch.device("cpu")), 2, 0, torch.device("cpu"))
+    r = collector.collect(net, gamma=0.5)
+    with torch.no_grad():
+        value_after = net(torch.full((1, 4), 0.02))[1].item()  # ScriptedEnvs' obs after its second step
+    assert r.last_value.tolist() == pytest.approx([value_after] * 2, abs=1e-6)
+    assert r.rewards[1].tolist() == pytest.approx([1 + 0.5 * value_after, 1.0], abs=1e-6)
+    assert r.rewards[0].tolist() == [1.0, 1.0]
 
 
 class EpisodeSpy(gym.vector.VectorWrapper):
@@ -533,6 +567,26 @@ def test_clipped_value_loss_hand_worked():
     values, old, returns = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), torch.tensor([3.0, 0.0])
     assert ppo.value_loss(values, old, returns, 0.2).item() == pytest.approx(0.8325)
     assert ppo.value_loss(values, old, returns, None).item() == pytest.approx(0.25)
+
+
+def test_clipped_value_loss_gradient_is_v_minus_r_except_where_the_clip_holds_v_back():
+    """d/dv of 0.5 mean(max(...)): (v - R) / B where v is inside the clip (both branches are v) or the
+    unclipped branch is the larger, 0 where the clipped one is (it no longer moves with v).
+    Planted: the clipped branch detached (it halves the first sample's gradient)."""
+    values = torch.tensor([1.1, 2.0, 0.0], requires_grad=True)
+    old, returns = torch.tensor([1.0, 1.0, 0.5]), torch.tensor([3.0, 3.0, 3.0])
+    # v - v_old: 0.1 (inside), 1.0 (clipped to 1.2: (1.2-3)^2 = 3.24 > 1), -0.5 (0.3: 7.29 < 9)
+    ppo.value_loss(values, old, returns, 0.2).backward()
+    assert values.grad.tolist() == pytest.approx([(1.1 - 3) / 3, 0.0, -3 / 3])
+
+
+def test_approx_kl_has_the_gradient_of_its_formula_for_a_copy_that_penalises_it():
+    """d/dx mean(e^x - 1 - x) = (e^x - 1) / B over the mask. Planted: approx_kl detached or under no_grad
+    (the update reads it without gradient, so only a copy that uses it as a KL penalty would see)."""
+    log_ratio = torch.tensor([0.3, -0.2, 0.5, 1.0], requires_grad=True)
+    ppo.approx_kl(log_ratio, torch.tensor([True, True, False, True])).backward()
+    expected = [(math.exp(0.3) - 1) / 3, (math.exp(-0.2) - 1) / 3, 0.0, (math.exp(1.0) - 1) / 3]
+    assert log_ratio.grad.tolist() == pytest.approx(expected)
 
 
 def test_approx_kl_hand_worked_and_unbiased_for_the_true_kl():
@@ -784,6 +838,44 @@ def test_kl_early_stop_lets_a_kl_at_the_target_through():
     r = p[np.arange(len(second)), rollout.actions.flatten()[second].numpy()] / 0.5
     expected = np.sum(r - 1 - np.log(r)) / (len(first) + len(second))
     assert len(second) > 0 and stats["approx_kl"] == pytest.approx(expected, rel=1e-4) and stats["approx_kl"] > 0
+
+
+def test_target_kl_stops_at_the_first_minibatch_whose_kl_exceeds_it_on_both_sides_of_each_kl():
+    """With the weights held (SGD at lr 0) each minibatch's KL is its RATIOS' mean of r - 1 - log r.
+    Just below a minibatch's KL the update stops there, just above it goes on. Planted: the
+    threshold or the KL scaled by 10 or 0.1."""
+    net = small_net()
+    rollout, advantages, returns, index = hand_made_rollout(net)
+    seen = seen_steps(net)
+    run_update(net, rollout, advantages, returns, update_epochs=2)
+    r = np.array(RATIOS)
+    kls = [np.mean(r[rows] - 1 - np.log(r[rows])) if rows else 0.0 for rows in (rows_of(m, index) for m in seen)]
+    assert len(kls) == 8 and len(set(kls)) > 4
+    for target in sorted({k * f for k in kls if k > 0 for f in (1 - 1e-3, 1 + 1e-3)}):
+        stepped = next((i for i, kl in enumerate(kls) if kl > target), len(kls))
+        stats = run_update(net, rollout, advantages, returns, update_epochs=2, target_kl=target)
+        assert (stats["minibatches"], stats["epochs"]) == (stepped, stepped // 4), target
+
+
+def test_the_update_reports_eq_9s_total_loss_and_the_gradient_norm_before_clipping():
+    """loss = -L^CLIP + c1 L^VF - c2 H of the same means; grad_norm the global norm of the gradient
+    the step met (SGD at lr 0 leaves it in .grad), before --max-grad-norm clipped it. Planted: the
+    logged loss or norm scaled, zeroed or negated."""
+    net = small_net()
+    rollout, advantages, returns, _ = hand_made_rollout(net)
+    settings = dict(value_coef=0.7, entropy_coef=0.05, value_clip_eps=0.2)
+    stats = run_update(net, rollout, advantages, returns, **settings)
+    assert stats["loss"] == pytest.approx(stats["policy_loss"] + 0.7 * stats["value_loss"] - 0.05 * stats["entropy"],
+                                          rel=1e-5)
+
+    def norm_in_grad():
+        return torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in net.parameters()])).item()
+
+    stats = run_update(net, rollout, advantages, returns, minibatch_size=16, **settings)  # one step
+    unclipped = norm_in_grad()
+    assert stats["grad_norm"] == pytest.approx(unclipped, rel=1e-5) and unclipped > 1e-2
+    stats = run_update(net, rollout, advantages, returns, minibatch_size=16, max_grad_norm=1e-3, **settings)
+    assert norm_in_grad() == pytest.approx(1e-3, rel=1e-4) and stats["grad_norm"] == pytest.approx(unclipped, rel=1e-5)
 
 
 def test_a_kl_stop_before_the_first_step_leaves_the_weights_and_logs_only_its_kl():
@@ -1243,6 +1335,29 @@ def test_the_loop_sets_the_scheduled_lr_on_the_optimizer_each_iteration(tmp_path
     assert [float(row["entropy_coef"]) for row in metrics] == pytest.approx([0.02, 0.015, 0.01, 0.006])
 
 
+def test_the_loop_passes_each_setting_to_its_own_argument(tmp_path, monkeypatch):
+    """Planted: two settings of one type swapped on their way to the update or the collector (a
+    clip of 0.15 and a value weight of 0.7 both train)."""
+    real_update, real_collect, seen = ppo.ppo_update, ppo.Collector.collect, {}
+
+    def recording_update(*args, **kwargs):
+        seen.update({k: v for k, v in kwargs.items() if k not in ("entropy_coef", "generator")})
+        return real_update(*args, **kwargs)
+
+    def recording_collect(self, net, gamma, generator=None):
+        seen["gamma"] = gamma
+        return real_collect(self, net, gamma, generator)
+
+    monkeypatch.setattr(ppo, "ppo_update", recording_update)
+    monkeypatch.setattr(ppo.Collector, "collect", recording_collect)
+    flags = dict(update_epochs=3, minibatch_size=64, clip_eps=0.15, value_clip_eps=0.3, value_coef=0.7,
+                 max_grad_norm=0.9, target_kl=50.0, gamma=0.97)
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    ppo.main(QUICK + argv + ["--episodes", "1", "--normalize-advantages", "--confirm-episodes", "0", "--no-plot",
+                             "--no-gif", "--out-dir", str(tmp_path / "run")])
+    assert seen == flags | {"normalize_advantages": True}
+
+
 def test_train_resolves_a_config_as_parse_args_does(tmp_path):
     out = str(tmp_path / "run")
     direct = ppo.train(ppo.Config(num_iterations=1, num_envs=4, buffer_size=256, confirm_episodes=0, eval_episodes=1,
@@ -1492,6 +1607,16 @@ def test_torch_cartpole_autoresets_on_the_next_step():
     assert [o[1].tolist() for o in out] == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert out[3][3].all() and not out[4][2].any() and not out[4][3].any()
     assert (out[4][0].abs() < 0.05).all() and envs.steps.tolist() == [0, 0, 0]  # fresh states, count restarted
+
+
+def test_torch_cartpole_reset_cancels_an_autoreset_that_was_due():
+    """After an episode ended, reset() starts fresh episodes: the next step is a real one (reward 1),
+    not the autoreset step (reward 0). Planted: reset leaving the pending-autoreset flags set."""
+    envs = ppo.TorchCartPole(2, max_episode_steps=1)
+    envs.reset(seed=0)
+    assert envs.step(torch.tensor([0, 1]))[3].all()  # both truncated: an autoreset is due
+    envs.reset(seed=1)
+    assert envs.step(torch.tensor([0, 1]))[1].tolist() == [1.0, 1.0]
 
 
 def test_torch_cartpole_seeding_is_reproducible():
