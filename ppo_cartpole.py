@@ -463,8 +463,8 @@ def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Roll
     loss and gradient (at the default sizes, it does not happen).
 
     Returns, averaged over the valid samples of the minibatches stepped: the losses (the three terms
-    and `loss`, eq. 9's total), entropy, clip fraction, `grad_norm` (before clipping); approx KL (with the minibatch that stopped the update, as SB3 logs it); the explained
-    variance of V_old; epochs completed, minibatches run; `nonfinite`, which of "loss", "gradient
+    and `loss`, eq. 9's total), entropy, clip fraction, `grad_norm` (before clipping); approx KL
+    (with the minibatch that stopped the update, as SB3 logs it); the explained variance of V_old; epochs completed, minibatches run; `nonfinite`, which of "loss", "gradient
     norm", "parameters" went NaN or infinite. One host read per update (target_kl: one per minibatch).
 
     Copy with Rollout, minibatch_loss (and what it travels with), count_weighted_mean and

@@ -159,12 +159,11 @@ def float_annotated(annotation: ast.AST | None) -> bool:
 class Sites(ast.NodeVisitor):
     """Walks one function and yields (kind, node, replacement text, skip rule or None)."""
 
-    def __init__(self, source: Source, function: ast.FunctionDef, signatures: dict, float_fields: set,
-                 float_attrs: set, grad_path: bool):
+    def __init__(self, source: Source, function: ast.FunctionDef, signatures: dict, returns: dict,
+                 float_fields: set, float_attrs: set, grad_path: bool):
         self.src, self.function, self.signatures = source, function, signatures
         self.float_fields, self.float_attrs, self.grad_path = float_fields, float_attrs, grad_path
-        # the script's functions that return a Tensor or a float
-        self.returns = {name: bool(re.search(r"Tensor|float", r or "")) for name, r in signatures.get("->", {}).items()}
+        self.returns = returns  # the script's functions (and methods) -> whether they return a Tensor or float
         self.float_params = {a.arg for a in function.args.args + function.args.kwonlyargs if float_annotated(a.annotation)}
         self.parents: dict[ast.AST, ast.AST] = {}
         for parent in ast.walk(function):
@@ -272,7 +271,7 @@ class Sites(ast.NodeVisitor):
             return isinstance(func, ast.Name) and self.returns.get(name, False)
         if isinstance(node, (ast.Name, ast.Attribute, ast.Subscript)) and isinstance(node.ctx, ast.Load):
             statement = parent
-            if isinstance(statement, ast.Tuple):
+            if isinstance(parent, ast.Tuple):
                 statement = self.parents.get(statement)
             if isinstance(statement, ast.Assign) and (node is statement.value or statement.value is parent):
                 return isinstance(statement.targets[0], ast.Subscript)  # written into a buffer
@@ -455,7 +454,7 @@ class Sites(ast.NodeVisitor):
 
 
 def scope(tree: ast.Module):
-    """(qualified name, FunctionDef, indent) of every function in make mutate's scope."""
+    """(qualified name, FunctionDef) of every function in make mutate's scope."""
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name in FUNCTIONS:
             yield node.name, node
@@ -480,10 +479,10 @@ def generate(text: str) -> list[Mutant]:
             methods[f.name].append([(a.arg, ast.unparse(a.annotation) if a.annotation else None)
                                     for a in f.args.args[1:] + f.args.kwonlyargs])
     signatures.update({name: found[0] for name, found in methods.items() if len(found) == 1 and name not in signatures})
-    signatures["->"] = {name: ast.unparse(f.returns) if f.returns else None for name, f in functions.items()}
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        for f in (f for f in cls.body if isinstance(f, ast.FunctionDef)):
-            signatures["->"].setdefault(f.name, ast.unparse(f.returns) if f.returns else None)
+    returns = {}
+    for f in [*functions.values(), *(f for cls in tree.body if isinstance(cls, ast.ClassDef)
+                                     for f in cls.body if isinstance(f, ast.FunctionDef))]:
+        returns.setdefault(f.name, bool(f.returns and re.search(r"Tensor|float", ast.unparse(f.returns))))
     config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
     float_fields = {n.target.id for n in config.body if isinstance(n, ast.AnnAssign) and float_annotated(n.annotation)}
     # The loss's computation: minibatch_loss and what it calls, the network's forward, the update.
@@ -512,7 +511,7 @@ def generate(text: str) -> list[Mutant]:
                                     (isinstance(value, ast.Constant) and type(value.value) is float)):
                                 float_attrs.add(target.attr)
         on_path = qualname in grad_path
-        sites = Sites(src, function, signatures, float_fields, float_attrs, on_path)
+        sites = Sites(src, function, signatures, returns, float_fields, float_attrs, on_path)
         for statement in function.body[1 if ast.get_docstring(function) else 0:]:
             sites.visit(statement)
         body = (function.body[0].lineno, function.end_lineno)
@@ -734,8 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.count:
         mutants = [Mutant(**m) for m in json.loads(results.read_text())]
         return report(mutants, None)
-    mutants = generate(SCRIPT.read_text())
-    control_lines = SCRIPT.read_text().splitlines()
+    text = SCRIPT.read_text()
+    mutants = generate(text)
     if args.only:
         mutants = [m for m in mutants if m.function in args.only]
     if args.kind:
@@ -748,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # A control first: the script unmutated, through the same machinery, on every test the mutants
     # will use, must pass; else every mutant would look killed.
-    control = Mutant("(unmutated)", "control", 1, line="-", source=SCRIPT.read_text(), lines=(1, len(control_lines)))
+    control = Mutant("(unmutated)", "control", 1, line="-", source=text, lines=(1, len(text.splitlines())))
     import gymnasium  # noqa: F401  imported once here, not once per mutant
     import matplotlib
     matplotlib.use("Agg")
