@@ -692,7 +692,8 @@ def report(mutants: list[Mutant], seconds: float | None) -> int:
     listed = [m for m in survivors if (m.function, m.kind, m.line) in notes]
     unexplained = [m for m in survivors if (m.function, m.kind, m.line) not in notes]
     seen = {(m.function, m.kind, m.line) for m in survivors}
-    stale = [key for key in notes if key not in seen]
+    ran_kinds = {(m.function, m.kind) for m in mutants}  # a subset (--only, --kind) judges only its own entries
+    stale = [key for key in notes if key not in seen and key[:2] in ran_kinds]
     by_class = collections.Counter(notes[(m.function, m.kind, m.line)][0] for m in listed)
     ran = len(mutants) - counts["skipped"]
     print(f"\nsemantic mutants: {len(mutants)} generated, {counts['skipped']} skipped as equivalent by rule, {ran} run")
