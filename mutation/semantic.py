@@ -685,7 +685,7 @@ def explained() -> dict[tuple[str, str, str], tuple[str, str]]:
     return {(function, kind, line): (cls, reason) for function, kind, cls, reason, line in entries}
 
 
-def report(mutants: list[Mutant], seconds: float | None) -> int:
+def report(mutants: list[Mutant], seconds: float | None, subset: bool = False) -> int:
     notes = explained()
     counts = collections.Counter(m.status for m in mutants)
     survivors = [m for m in mutants if m.status in ("survived", "no tests")]
@@ -693,7 +693,7 @@ def report(mutants: list[Mutant], seconds: float | None) -> int:
     unexplained = [m for m in survivors if (m.function, m.kind, m.line) not in notes]
     seen = {(m.function, m.kind, m.line) for m in survivors}
     ran_kinds = {(m.function, m.kind) for m in mutants}  # a subset (--only, --kind) judges only its own entries
-    stale = [key for key in notes if key not in seen and key[:2] in ran_kinds]
+    stale = [key for key in notes if key not in seen and (not subset or key[:2] in ran_kinds)]
     by_class = collections.Counter(notes[(m.function, m.kind, m.line)][0] for m in listed)
     ran = len(mutants) - counts["skipped"]
     print(f"\nsemantic mutants: {len(mutants)} generated, {counts['skipped']} skipped as equivalent by rule, {ran} run")
@@ -733,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     results = WORK / "results.json"
     if args.count:
         mutants = [Mutant(**m) for m in json.loads(results.read_text())]
-        return report(mutants, None)
+        return report(mutants, None, subset=json.loads((WORK / "subset.json").read_text()))
     text = SCRIPT.read_text()
     mutants = generate(text)
     if args.only:
@@ -765,7 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     run(mutants, data, args.jobs)
     seconds = time.perf_counter() - t0
     results.write_text(json.dumps([dict(dataclasses.asdict(m), source="") for m in mutants]))
-    return report(mutants, seconds)
+    subset = bool(args.only or args.kind)
+    (WORK / "subset.json").write_text(json.dumps(subset))
+    return report(mutants, seconds, subset)
 
 
 if __name__ == "__main__":
