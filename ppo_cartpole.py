@@ -1,10 +1,8 @@
 """PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
 
-First the algorithm, in the order it runs: config, environments, model, rollout, advantages (GAE),
-losses, update, the training loop. After a banner, the machinery of a run. Each function takes what
-it needs and returns what it made; its docstring's "Copy with ...; imports: ..." names what a copy
-needs (with `from __future__ import annotations`). Shapes: T steps per env per rollout, N envs,
-B samples, A actions, D observation size.
+The algorithm first, in the order it runs (config, model, rollout, advantages, losses, update, the
+loop), then after a banner the machinery of a run. Each piece's "Copy with ...; imports: ..." names
+what a copy of it needs. Shapes: T steps per env per rollout, N envs, B samples, A actions, D obs size.
 
 Usage:
     python ppo_cartpole.py --stop-when-solved              # train with the defaults until solved
@@ -42,15 +40,8 @@ from tqdm import tqdm
 # ==== Config ======================================================================================
 
 def option(default, help: str, **flag):
-    """A Config field and its flag (made by `build_parser`, with argparse keywords such as choices);
-    `allowed`, an interval such as "(0, 1]", is checked by `check_config` and shown in --help."""
+    """A Config field and its flag (argparse keywords too); `allowed`, an interval, is checked and shown."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
-
-
-# Each backend's sizes, for the size flags left out (None in Config: an explicit default could not tell
-# "left out" from "given"). On a GPU, thousands of TorchCartPoles cost what eight do (docs/torch-backend.md).
-BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
-                 "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
 
 
 @dataclass(frozen=True)
@@ -85,7 +76,7 @@ class Config:
     value_coef: float = option(0.5, "weight of the value loss", allowed="[0, inf)")
     entropy_coef: float = option(0.0, "entropy bonus, annealed linearly to --entropy-floor", allowed="[0, inf)")
     entropy_floor: float = option(0.0, "the lowest the annealed entropy bonus goes", allowed="[0, inf)")
-    max_grad_norm: float | None = option(0.5, "clip the gradient's global norm to this (0 = off)", allowed="[0, inf)")
+    max_grad_norm: float = option(0.5, "clip the gradient's global norm to this (0 = off)", allowed="[0, inf)")
     target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)",
                                      allowed="(0, inf)")
     # Tracking
@@ -106,25 +97,411 @@ class Config:
     eval_episodes: int = option(10, "greedy episodes of the final evaluation", allowed="[1, 10000]")
 
 
-# ==== Environments ================================================================================
+# ==== Model =======================================================================================
+
+def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
+    """Orthogonal weights, zero bias (the PPO paper's baselines code). Copy alone; imports: torch.nn as nn."""
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head. Copy with
+    layer_init; imports: math, torch, torch.nn as nn."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
+        super().__init__()
+        # Plain ints, not numpy's: they go into checkpoints, which torch.load(weights_only=True) reads.
+        self.obs_dim, self.act_dim, self.hidden = int(obs_dim), int(act_dim), int(hidden)
+        self.trunk = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden), math.sqrt(2)), nn.ReLU(),
+            layer_init(nn.Linear(hidden, hidden), math.sqrt(2)), nn.ReLU())
+        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # near-uniform first policy
+        self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [..., D] -> (logits [..., A], values [...]): the contract every `net` below meets."""
+        features = self.trunk(obs)
+        return self.policy_head(features), self.value_head(features).squeeze(-1)
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
+    """logits [..., A] -> (actions [...] int64, logprobs [...]), drawn from softmax(logits) by Gumbel-max,
+    argmax(logits + Gumbel noise), noise from `generator` (Categorical.sample draws from torch's global
+    RNG and checks its input on the host). Copy with logprobs_of; imports: torch, torch.nn.functional as F."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+    return actions, logprobs_of(logits, actions)
+
+
+def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s): logits [..., A], actions [...] -> [...]. Copy alone; imports: torch,
+    torch.nn.functional as F."""
+    return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis: [..., A] -> [...]. Copy alone; imports: torch,
+    torch.nn.functional as F."""
+    logprobs = F.log_softmax(logits, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+# ==== Rollout =====================================================================================
+
+@dataclass
+class Rollout:
+    """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list mixed the
+    envs up). Copy with Collector; imports: dataclasses.dataclass, gymnasium as gym, torch, torch.nn as
+    nn, torch.nn.functional as F."""
+
+    obs: torch.Tensor  # [T, N, D]
+    actions: torch.Tensor  # [T, N]
+    logprobs: torch.Tensor  # [T, N]  log pi_old(a|s)
+    rewards: torch.Tensor  # [T, N]  with gamma * V(final obs) added on truncation
+    values: torch.Tensor  # [T, N]  V_old(s)
+    dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
+    valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
+    last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
+    ended_returns: torch.Tensor  # [T, N]  true (undiscounted) return of the episode that ended at
+    ended_lengths: torch.Tensor  # [T, N]  step t, and its length; meaningful where dones[t] = 1
+
+
+class Collector:
+    """Steps N envs for T steps per rollout with the current policy, pi_old, into a [T, N] Rollout.
+
+    envs: torch in and out, next-step autoreset (make_envs's contract): the step after an episode
+    ends only resets that env and is masked out (`valid`). Same-step autoreset (gymnasium < 1.0, as
+    CleanRL pins; `final_obs` in info) is refused. The envs run on across rollouts (the post reset
+    them each rollout: no episode outlasted T). net: obs [..., D] -> (logits [..., A], values [...]).
+    The Rollout returned is the Collector's buffers, rewritten by the next `collect`; the carried
+    state (next_obs, prev_done, the episode sums) is updated in place. Copy with Rollout,
+    sample_actions and logprobs_of; imports: dataclasses.dataclass, gymnasium as gym, torch,
+    torch.nn as nn, torch.nn.functional as F.
+    """
+
+    REFUSED = "Collector needs next-step autoreset, got {}: use gymnasium >= 1.0 and its default, NEXT_STEP"
+
+    def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
+        mode = getattr(envs, "metadata", {}).get("autoreset_mode")  # gymnasium >= 1.1 declares it
+        mode = getattr(mode, "value", mode)  # an AutoresetMode, or its value as a string
+        if mode not in (None, "NextStep") or (mode is None and int(gym.__version__.split(".")[0]) < 1):
+            raise ValueError(self.REFUSED.format(mode or f"gymnasium {gym.__version__}, which resets on the same step"))
+        self.envs = envs
+        T, N, obs_shape = num_steps, envs.num_envs, envs.single_observation_space.shape
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        self.rollout = Rollout(obs=zeros(T, N, *obs_shape), actions=zeros(T, N, dtype=torch.long),
+                               logprobs=zeros(T, N), rewards=zeros(T, N), values=zeros(T, N), dones=zeros(T, N),
+                               valid=zeros(T, N), last_value=zeros(N), ended_returns=zeros(T, N),
+                               ended_lengths=zeros(T, N))
+        self.truncated_only = zeros(T, N)  # 1.0 where a time limit alone ended the episode: bootstrapped
+        self.next_obs = zeros(N, *obs_shape)
+        self.next_obs.copy_(envs.reset(seed=seed)[0])  # the only reset: autoreset does the rest
+        self.prev_done = zeros(N)  # the episode ended on the previous step: this one is an autoreset
+        self.episode_return, self.episode_length = zeros(N), zeros(N)
+
+    def collect(self, net: nn.Module, gamma: float, generator: torch.Generator | None = None) -> Rollout:
+        """T steps with `net` as pi_old, sampling from `generator`; truncations bootstrapped."""
+        r = self.rollout
+        with torch.inference_mode():  # pi_old is data, not a function to differentiate
+            for t in range(len(r.rewards)):
+                self.step(net, t, generator)
+            r.last_value.copy_(net(self.next_obs)[1])
+            # In next-step mode the obs returned at an episode's last step is its true final obs, so
+            # V(final obs) is the next step's value. A time limit is not failure: bootstrap from it.
+            next_values = torch.cat([r.values[1:], r.last_value.unsqueeze(0)])  # [T, N]
+            r.rewards += gamma * next_values * self.truncated_only
+        return r
+
+    def step(self, net: nn.Module, t: int, generator: torch.Generator | None = None) -> None:
+        """Step t of the rollout: act on next_obs, step the envs, write row t of every buffer."""
+        r = self.rollout
+        logits, values = net(self.next_obs)
+        actions, logprobs = sample_actions(logits, generator)
+        next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+        if "final_obs" in info or "final_observation" in info:
+            raise ValueError(self.REFUSED.format("a final observation in info (same-step autoreset)"))
+        done = (terminated | truncated).float()
+        r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = self.next_obs, actions, logprobs, values
+        r.rewards[t], r.dones[t] = rewards, done
+        r.valid[t] = 1.0 - self.prev_done  # an autoreset step: action ignored, reward 0
+        # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
+        self.truncated_only[t] = (truncated & ~terminated).float()
+
+        self.episode_return += rewards
+        self.episode_length += r.valid[t]
+        r.ended_returns[t], r.ended_lengths[t] = self.episode_return, self.episode_length
+        self.episode_return *= 1.0 - done
+        self.episode_length *= 1.0 - done
+        self.prev_done.copy_(done)
+        self.next_obs.copy_(next_obs)
+
+
+# ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                last_value: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation along time, vectorised over envs.
+
+    rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
+    (the post averaged one over all envs). Returns (advantages, returns = advantages + values) [T, N].
+    - dones[t] = 1 iff the episode ended *at* step t. CleanRL's dones[t] means "ended *before* step
+      t" (its loop reads dones[t + 1]): mixing the two shifts every cut by one step.
+    - rewards[t] already holds a truncated episode's bootstrap, + gamma * V(final obs) (Collector
+      adds it): the cut at dones[t] would otherwise treat a time limit as failure.
+    - Autoreset steps get meaningless advantages, cut off from the episode before: mask them out of
+      the update (Rollout.valid). Copy alone; imports: torch.
+    """
+    advantages = torch.zeros_like(rewards)
+    gae, next_value = torch.zeros_like(last_value), last_value
+    for t in reversed(range(len(rewards))):
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * not_done - values[t]  # TD error, eq. (12)
+        gae = delta + gamma * lam * not_done * gae  # eq. (11), as a recursion
+        advantages[t] = gae
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+# ==== Losses ======================================================================================
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x [B] over mask [B] (bool; None = all), 0 if the mask is empty. torch.where, not a
+    product: a NaN where the mask is False stays out of the value. Copy alone; imports: torch."""
+    if mask is None:
+        return x.mean()
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)) over `mask` (default all), r = pi/pi_old
+    [B], advantages [B]. The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps,
+    for A < 0 at 1-eps, and those clipped samples get no gradient. Copy with masked_mean; imports: torch."""
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    return -masked_mean(torch.min(unclipped, clipped), mask)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip_eps: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L^VF = 0.5 * mean((v - R)^2); with clip_eps, as the baselines code clips it: 0.5 *
+    mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)). Inputs [B]; the mean is over
+    `mask` (default all). Copy with masked_mean; imports: torch."""
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        return 0.5 * masked_mean(unclipped, mask)
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.max(unclipped, (values_clipped - returns) ** 2), mask)
+
+
+def approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(pi_old || pi) as mean((r - 1) - log r) over `mask`, log r = log pi - log pi_old [B] on samples
+    from pi_old: the unbiased, never negative "k3" estimator (J. Schulman, "Approximating KL
+    Divergence", 2020). Copy with masked_mean; imports: torch."""
+    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target) over `mask` [B] (default all), a 0-dim tensor: 1 =
+    a perfect critic, <= 0 no better than a constant, NaN for a constant target or a single sample.
+    Copy with masked_mean; imports: math, torch."""
+
+    def variance(x):  # biased: the 1/n cancels in the ratio
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+    var_target = variance(target)
+    return torch.where(var_target == 0, math.nan, 1 - variance(target - predicted) / var_target)
+
+
+# ==== PPO update ==================================================================================
+
+def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
+    """Linear decay from lr towards 0 when annealing, else constant. Copy alone."""
+    return lr * (1 - iteration / num_iterations) if anneal else lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every param group's learning rate. Copy alone; imports: torch."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
+    """The post's annealing: explore early, exploit late. Copy alone."""
+    return max(floor, initial * (1 - iteration / num_iterations))
+
+
+def weighted_mean(rows: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    """The mean of the rows' `key`, each a minibatch's mean, weighted by its valid `count`: the mean
+    over all their samples. rows: one or more dicts of 0-dim tensors. Copy alone; imports: torch."""
+    values, counts = (torch.stack([row[k] for row in rows]) for k in (key, "count"))
+    return (values * counts).sum() / counts.sum().clamp(min=1)
+
+
+def minibatch_loss(net: nn.Module, obs: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor,
+                   old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, valid: torch.Tensor,
+                   *, clip_eps: float, value_clip_eps: float | None, value_coef: float,
+                   entropy_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. (9) on one minibatch: loss = -L^CLIP + c1 L^VF - c2 H, each a mean over the valid samples.
+    net: obs [..., D] -> (logits [..., A], values [...]); obs [M, D], the rest [M], valid [M] bool.
+    Returns (loss, stats: policy_loss, value_loss, entropy, approx_kl, clip_fraction, detached).
+    Copy with logprobs_of, entropy_of, masked_mean, clipped_surrogate_loss, value_loss and approx_kl;
+    imports: torch, torch.nn as nn, torch.nn.functional as F.
+    """
+    logits, values = net(obs)
+    log_ratio = logprobs_of(logits, actions) - old_logprobs
+    ratio = torch.exp(log_ratio)  # r = pi / pi_old
+    policy_loss = clipped_surrogate_loss(ratio, advantages, clip_eps, valid)
+    v_loss = value_loss(values, old_values, returns, value_clip_eps, valid)
+    entropy = masked_mean(entropy_of(logits), valid)
+    loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
+    with torch.no_grad():
+        stats = dict(policy_loss=policy_loss.detach(), value_loss=v_loss.detach(), entropy=entropy.detach(),
+                     approx_kl=approx_kl(log_ratio, valid),
+                     clip_fraction=masked_mean(((ratio - 1).abs() > clip_eps).float(), valid))
+    return loss, stats
+
+
+def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
+               minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
+               entropy_coef: float, value_coef: float, max_grad_norm: float = 0.0,
+               target_kl: float | None = None, normalize_advantages: bool = False,
+               generator: torch.Generator | None = None) -> dict:
+    """K epochs of shuffled minibatch SGD on one rollout, actor and critic together through the shared
+    trunk (Algorithm 1). advantages, returns: [T, N] from compute_gae; minibatch_size divides T * N;
+    value_clip_eps None: no value clip; max_grad_norm 0: no clipping; target_kl: once a minibatch's
+    approx KL (before its step) exceeds it, that step and the rest of the update are skipped. The
+    autoreset steps (rollout.valid 0) stay in, so every minibatch has minibatch_size steps, but weigh
+    0 in every mean, their inputs zeroed (0 * NaN is NaN). Returns floats, means over the valid
+    samples of the minibatches stepped: policy_loss, value_loss, entropy, `loss` (eq. 9's total),
+    clip_fraction, grad_norm (before clipping), approx_kl (a KL stop's too, as SB3 logs it); then
+    explained_variance of V_old, epochs completed, minibatches stepped, and nonfinite: which of
+    "loss", "gradient norm", "parameters" went NaN or infinite. Copy with Rollout, minibatch_loss
+    (and what it travels with), weighted_mean and explained_variance; imports: dataclasses.dataclass,
+    math, torch, torch.nn as nn, torch.nn.functional as F.
+    """
+    valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
+    batch_size = len(valid)
+    if batch_size % minibatch_size:
+        raise ValueError(f"minibatch_size {minibatch_size} does not divide the rollout's {batch_size} steps")
+    # Off by default: once solved, the advantages are ~30x smaller, mostly noise; scaled to std 1 they
+    # make every update full-size (docs/long-run.md).
+    b_advantages = advantages.flatten()
+    if normalize_advantages:  # (one sample has no spread to scale by: left as it is)
+        count, mean = valid.sum(), masked_mean(b_advantages, valid)
+        std = torch.sqrt(masked_mean((b_advantages - mean) ** 2, valid) * count / (count - 1))  # unbiased
+        b_advantages = torch.where(count > 1, (b_advantages - mean) / (std + 1e-8), b_advantages)
+    b_obs = torch.where(valid.unsqueeze(1), rollout.obs.flatten(0, 1), 0)  # [T, N, D] -> [T*N, D]
+    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
+        torch.where(valid, x.flatten(), 0) for x in
+        (rollout.actions, rollout.logprobs, rollout.values, returns, b_advantages))
+    batch = (b_obs, b_actions, b_logprobs, b_values, b_advantages, b_returns, valid)
+
+    stepped, stopped = [], []  # per minibatch, its stats: those stepped, and the one a KL stop skipped
+    for _ in range(update_epochs):
+        # A fresh shuffle each epoch, cut into minibatches: [T*N] -> [T*N / M, M]
+        for indices in torch.randperm(batch_size, device=valid.device, generator=generator).view(-1, minibatch_size):
+            loss, stats = minibatch_loss(net, *(x[indices] for x in batch), clip_eps=clip_eps,
+                                         value_clip_eps=value_clip_eps, value_coef=value_coef,
+                                         entropy_coef=entropy_coef)
+            stats["count"] = valid[indices].sum()
+            if target_kl is not None and stats["approx_kl"].item() > target_kl:
+                stopped.append(stats)  # this step would push the policy too far from pi_old
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)  # inf: measure
+            optimizer.step()
+            stepped.append(dict(stats, loss=loss.detach()))
+        else:
+            continue
+        break  # a KL stop ends the rest of *this* update; the next rollout updates again
+
+    zero = torch.zeros((), device=valid.device)  # what a KL stop before the first step leaves logged
+    means = {key: weighted_mean(stepped, key) if stepped else zero
+             for key in ("policy_loss", "value_loss", "entropy", "loss", "clip_fraction", "grad_norm")}
+    means.update(approx_kl=weighted_mean(stepped + stopped, "approx_kl"),
+                 explained_variance=explained_variance(b_values, b_returns, valid),
+                 finite_parameters=torch.stack([p.isfinite().all() for p in net.parameters()]).all().float())
+    stats = dict(zip(means, torch.stack(list(means.values())).tolist()))  # the update's one host read
+    # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
+    nonfinite = [name for name, ok in (("loss", math.isfinite(stats["loss"])), ("gradient norm",
+                 math.isfinite(stats["grad_norm"])), ("parameters", stats.pop("finite_parameters"))) if not ok]
+    return dict(stats, epochs=len(stepped) // (batch_size // minibatch_size), minibatches=len(stepped),
+                nonfinite=nonfinite)
+
+
+# ==== The loop: collect, advantages, update =======================================================
+
+def ppo_iterations(config: Config, envs, net: nn.Module, generator: torch.Generator | None = None):
+    """PPO's loop (Algorithm 1): per iteration, yields (rollout, stats: ppo_update's, the lr, the
+    entropy coefficient, the seconds spent collecting and updating); logging, saving and stopping are
+    the caller's (`train`). config: a resolved Config; envs: see Collector; net: trained in place."""
+    # fused: Adam's arithmetic in one kernel a step (the CPU update ~9% faster); eps 1e-8 (CleanRL: 1e-5)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)
+    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, torch.device(config.device))
+    for iteration in range(config.num_iterations):
+        lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
+        set_lr(optimizer, lr)
+        entropy_coef = entropy_coef_at(iteration, config.num_iterations, config.entropy_coef, config.entropy_floor)
+        start = time.perf_counter()
+        # 1. Collect: N envs x T steps with the current policy, pi_old.
+        rollout = collector.collect(net, config.gamma, generator)
+        collected = time.perf_counter()
+        # 2. Advantages: GAE along time, per env.
+        advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
+                                          config.gamma, config.gae_lambda)
+        # 3. Update: K epochs of minibatch SGD on the clipped surrogate, the value loss and the entropy bonus.
+        stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
+                           minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
+                           value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef,
+                           value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
+                           target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
+                           generator=generator)
+        yield rollout, dict(stats, lr=lr, entropy_coef=entropy_coef, collect_seconds=collected - start,
+                            update_seconds=time.perf_counter() - collected)
+
+
+# ##################################################################################################
+#   PPO ends above. What follows is the machinery of a run: the environments (gymnasium's or CartPole
+#   in torch), the command line, files and checkpoints, tracking (returns, best.pt, the run log),
+#   greedy play, the plot, the run itself (train) and main.
+# ##################################################################################################
+
+
+# ==== Environments: gymnasium's vector envs, or CartPole in torch ===============================
+
+class RunStopped(Exception):
+    """A run that cannot go on through no fault of PPO's code: main prints one line and exits 1."""
+
 
 def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "gymnasium",
               vectorization_mode: str = "auto", **env_kwargs):
-    """N envs stepped together, torch tensors in and out: `reset(seed) -> (obs [N, D], info)`,
-    `step(actions [N]) -> (obs [N, D], rewards [N], terminated [N], truncated [N], info)`, with
-    next-step autoreset. backend "gymnasium": gymnasium.make_vec in `vectorization_mode` ("auto": the
-    env's own vector env when it has one, as CartPole does); "torch": TorchCartPole on `device`."""
+    """N envs stepped together, the contract Collector relies on: torch tensors in and out,
+    `reset(seed) -> (obs [N, D], info)`, `step(actions [N]) -> (obs [N, D], rewards [N],
+    terminated [N], truncated [N], info)`, and next-step autoreset: an env whose episode ended on
+    the previous step only resets on this one, ignoring its action, with reward 0 and both flags
+    False (the Collector masks that step out). backend "gymnasium": gymnasium.make_vec in
+    `vectorization_mode` ("auto": the env's own vector env when it has one, as CartPole does);
+    "torch": TorchCartPole on `device`."""
     if backend == "torch":
         return TorchCartPole(num_envs, device, **env_kwargs)
     mode = None if vectorization_mode == "auto" else vectorization_mode  # None: gymnasium picks as "auto"
     return NumpyToTorch(gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs), device)
 
 
+class NonFiniteEnv(RunStopped):
+    """An env returned a NaN or infinite observation or reward: the env's bug, not PPO diverging."""
+
+
 class NumpyToTorch(gym.vector.VectorWrapper):
     """A gymnasium vector env with torch tensors in and out, the one place where numpy meets torch
-    (gymnasium.wrappers.vector.NumpyToTorch does the same but needs the array-api-compat package).
-    A NaN or infinite observation or reward is the env's fault: raised here as NonFiniteEnv, on the
-    host's arrays, before it can look like PPO diverging."""
+    (gymnasium.wrappers.vector.NumpyToTorch needs the array-api-compat package). A non-finite
+    observation or reward raises NonFiniteEnv here, before it can look like PPO diverging. Copy with
+    NonFiniteEnv; imports: gymnasium as gym, numpy as np, torch."""
 
     def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
         super().__init__(envs)
@@ -149,487 +526,18 @@ class NumpyToTorch(gym.vector.VectorWrapper):
                 self._tensor(truncated), info)
 
 
-# ==== Model =======================================================================================
-
-def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
-    """Orthogonal weights, zero bias (the init of the PPO paper's baselines code). Copy alone;
-    imports: torch.nn as nn."""
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class ActorCritic(nn.Module):
-    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head. Copy with
-    layer_init; imports: math, torch, torch.nn as nn."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
-        super().__init__()
-        # Plain ints, not numpy's: they go into checkpoints, which torch.load(weights_only=True) reads.
-        self.obs_dim, self.act_dim, self.hidden = int(obs_dim), int(act_dim), int(hidden)
-        self.trunk = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden), math.sqrt(2)), nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden), math.sqrt(2)), nn.ReLU())
-        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # near-uniform first policy
-        self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs [..., D] -> (logits [..., A], values [...]); [B, D] in the update, [N, D] in the rollout."""
-        features = self.trunk(obs)
-        return self.policy_head(features), self.value_head(features).squeeze(-1)
-
-
-def sample_actions(logits: torch.Tensor, uniform: torch.Tensor):
-    """logits [..., A], uniform [..., A] noise in [0, 1) -> (actions [...] int64, logprobs [...]).
-
-    Gumbel-max, argmax(logits + Gumbel noise), samples softmax(logits) exactly, as Categorical does.
-    Not Categorical: its `sample` draws from torch's global RNG and checks its input on the host (on
-    a GPU, a wait per step). The caller draws the noise, a rollout's at once, so a step draws nothing
-    and can be replayed. Copy with logprobs_of; imports: torch, torch.nn.functional as F.
-    """
-    actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
-    return actions, logprobs_of(logits, actions)
-
-
-def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s): logits [..., A], actions [...] -> [...]. Copy alone; imports: torch.nn.functional as F."""
-    return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last axis: [..., A] -> [...]. Copy alone; imports:
-    torch.nn.functional as F."""
-    logprobs = F.log_softmax(logits, dim=-1)
-    return -(logprobs.exp() * logprobs).sum(-1)
-
-
-# ==== Rollout =====================================================================================
-
-@dataclass
-class Rollout:
-    """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list
-    interleaved the envs, so its GAE mixed them up). Copy with Collector; imports: dataclasses.dataclass,
-    torch, torch.nn.functional as F."""
-
-    obs: torch.Tensor  # [T, N, D]
-    actions: torch.Tensor  # [T, N]
-    logprobs: torch.Tensor  # [T, N]  log pi_old(a|s)
-    rewards: torch.Tensor  # [T, N]  with gamma * V(final obs) added on truncation
-    values: torch.Tensor  # [T, N]  V_old(s)
-    dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
-    valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
-    last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
-    ended_returns: torch.Tensor  # [T, N]  true (undiscounted) return of the episode that ended at
-    ended_lengths: torch.Tensor  # [T, N]  step t, and its length; meaningful where dones[t] = 1
-
-
-class Collector:
-    """Steps N envs for T steps per rollout into preallocated [T, N] tensors.
-
-    envs (see make_envs) must autoreset on the *next* step: the step after an episode ends ignores
-    the action and returns the reset observation with reward 0. It is not experience and is masked
-    out (the trap CleanRL's users hit on gymnasium 1.x); other modes are refused. The envs run on
-    across rollouts: the post reset them every rollout, so no episode outlasted T steps.
-
-    Built for a GPU to replay (CUDA graphs): `collect` draws the rollout's noise up front (the
-    actions'; the reset states too for an env with `draw_initial_states(out)`, `state` [N, S] and
-    `step(actions, initial_states)`, as TorchCartPole), then each `step` is tensor work written in
-    place into fixed buffers, with no host read (with TorchCartPole). The Rollout returned holds
-    these buffers: it is valid until the next `collect`.
-
-    Copy with Rollout, sample_actions and logprobs_of; imports: dataclasses.dataclass, torch,
-    torch.nn.functional as F.
-    """
-
-    def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
-        # gymnasium >= 1.1 can also autoreset on the same step, or not at all: the masks would be wrong
-        # without a sound. No key (gymnasium 1.0, TorchCartPole) means next-step.
-        mode = getattr(envs, "metadata", {}).get("autoreset_mode")
-        if getattr(mode, "value", mode) not in (None, "NextStep"):
-            raise ValueError(f"Collector needs next-step autoreset, got {mode}: make the vector env with "
-                             f"autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP")
-        self.envs = envs
-        shape, obs_shape = (num_steps, envs.num_envs), envs.single_observation_space.shape  # [T, N], [D]
-        self.obs = torch.zeros(shape + obs_shape, device=device)
-        self.actions = torch.zeros(shape, dtype=torch.long, device=device)
-        (self.logprobs, self.values, self.rewards, self.dones, self.valid, self.truncated_only,
-         self.ended_returns, self.ended_lengths) = (torch.zeros(shape, device=device) for _ in range(8))
-        self.last_value = torch.zeros(envs.num_envs, device=device)
-        self.uniform = torch.zeros(shape + (envs.single_action_space.n,), device=device)  # [T, N, A] action noise
-        self.initial_states = None  # [T, N, 4]: where the envs that reset at step t start (TorchCartPole)
-        if hasattr(envs, "draw_initial_states"):
-            self.initial_states = torch.zeros(shape + envs.state.shape[1:], dtype=envs.state.dtype, device=device)
-        self.next_obs = torch.zeros((envs.num_envs, *obs_shape), device=device)
-        self.next_obs.copy_(envs.reset(seed=seed)[0])  # the only reset: autoreset does the rest
-        self.prev_done = torch.zeros(envs.num_envs, device=device)  # did the episode end on the previous step?
-        self.episode_return = torch.zeros(envs.num_envs, device=device)
-        self.episode_length = torch.zeros(envs.num_envs, device=device)
-
-    def collect(self, net: ActorCritic, gamma: float, generator: torch.Generator | None = None) -> Rollout:
-        """T steps with `net` as pi_old, noise drawn from `generator` (sampling) and the envs' own."""
-        with torch.inference_mode():  # no autograd graph: pi_old is data, not a function to differentiate
-            self.uniform.uniform_(generator=generator)  # the rollout's noise, up front: the steps draw none
-            if self.initial_states is not None:
-                self.envs.draw_initial_states(self.initial_states)
-            for t in range(self.rewards.shape[0]):
-                self.step(net, t)
-            self.last_value.copy_(net(self.next_obs)[1])
-            # In next-step mode the obs returned at an episode's last step is its true final obs, so
-            # V(final obs) is the next step's value. A time limit is not failure: bootstrap from it.
-            next_values = torch.cat([self.values[1:], self.last_value.unsqueeze(0)])  # [T, N]
-            self.rewards += gamma * next_values * self.truncated_only
-        return Rollout(obs=self.obs, actions=self.actions, logprobs=self.logprobs, rewards=self.rewards,
-                       values=self.values, dones=self.dones, valid=self.valid, last_value=self.last_value,
-                       ended_returns=self.ended_returns, ended_lengths=self.ended_lengths)
-
-    def step(self, net: ActorCritic, t: int) -> None:
-        """Step t of the rollout: act on next_obs, step the envs, write row t of every buffer."""
-        self.obs[t] = self.next_obs
-        logits, values = net(self.obs[t])
-        self.values[t] = values
-        self.actions[t], self.logprobs[t] = sample_actions(logits, self.uniform[t])
-        resets = () if self.initial_states is None else (self.initial_states[t],)
-        next_obs, rewards, terminated, truncated, _ = self.envs.step(self.actions[t], *resets)
-        self.next_obs.copy_(next_obs)
-        # Next-step autoreset: if the episode ended on the previous step, this step only reset
-        # the env (action ignored, reward 0). Mask it out of GAE's targets and of the update.
-        self.valid[t] = 1.0 - self.prev_done
-        done = (terminated | truncated).float()
-        self.rewards[t], self.dones[t] = rewards, done
-        # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
-        self.truncated_only[t] = (truncated & ~terminated).float()
-
-        self.episode_return += rewards
-        self.episode_length += self.valid[t]
-        self.ended_returns[t], self.ended_lengths[t] = self.episode_return, self.episode_length
-        self.episode_return *= 1.0 - done
-        self.episode_length *= 1.0 - done
-        self.prev_done.copy_(done)
-
-
-# ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: torch.Tensor, gamma: float, lam: float,
-                out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Generalised advantage estimation along time, vectorised over envs.
-
-    rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
-    (the post averaged one over all envs). Returns (advantages [T, N], returns = advantages + values),
-    written into `out`'s two [T, N] tensors if given. What the inputs must already mean:
-    - dones[t] = 1 iff the episode ended *at* step t (terminated or truncated): it cuts the
-      bootstrap and the recursion there. CleanRL's dones[t] means "ended *before* step t" (its
-      loop reads dones[t + 1]): mixing the two conventions shifts every cut by one step.
-    - rewards[t] already holds the bootstrap of a truncated episode, + gamma * V(final obs)
-      (Collector.collect adds it): the cut at dones[t] would otherwise treat a time limit as failure.
-    - Every step gets an advantage: next-step autoreset steps get meaningless ones, which the cut
-      keeps out of the episode before; mask them out of the update (Rollout.valid).
-
-    Copy alone; imports: torch.
-    """
-    advantages, returns = out if out is not None else (torch.empty_like(rewards), torch.empty_like(rewards))
-    gae = torch.zeros_like(last_value)
-    next_value = last_value
-    for t in reversed(range(rewards.shape[0])):
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * not_done - values[t]  # TD error, eq. (12)
-        gae = delta + gamma * lam * not_done * gae  # eq. (11), as a recursion
-        advantages[t] = gae
-        next_value = values[t]
-    torch.add(advantages, values, out=returns)
-    return advantages, returns
-
-
-# ==== Losses ======================================================================================
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of x [B] over mask [B] (bool; None = all), 0 if the mask is empty. torch.where, not a
-    product: a NaN where the mask is False stays out of the value. Copy alone; imports: torch."""
-    if mask is None:
-        return x.mean()
-    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
-
-
-def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
-                           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)), r = pi/pi_old [B], advantages [B];
-    the mean is over `mask` (default all). The min makes it a pessimistic bound: for A > 0 the
-    ratio's gain stops at 1+eps, for A < 0 at 1-eps, and those clipped samples contribute no
-    gradient. Copy with masked_mean; imports: torch."""
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    return -masked_mean(torch.min(unclipped, clipped), mask)
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               clip_eps: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L^VF = 0.5 * mean((v - R)^2); with clip_eps, as the baselines code clips it: 0.5 *
-    mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)). Inputs [B]; the mean is over
-    `mask` (default all). Copy with masked_mean; imports: torch."""
-    unclipped = (values - returns) ** 2
-    if clip_eps is None:
-        return 0.5 * masked_mean(unclipped, mask)
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
-    return 0.5 * masked_mean(torch.max(unclipped, (values_clipped - returns) ** 2), mask)
-
-
-def approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(pi_old || pi) as mean((r - 1) - log r), log r = log pi - log pi_old [B] on samples from
-    pi_old: the unbiased, never negative "k3" estimator (J. Schulman, "Approximating KL Divergence",
-    2020). The mean is over `mask` (default all). Copy with masked_mean; imports: torch."""
-    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
-
-
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - Var(target - predicted) / Var(target) over `mask` [B] (default all), a 0-dim tensor (no
-    read from the device): 1 = perfect critic, <= 0 = no better than a constant, NaN for a constant
-    target or a single sample. Copy with masked_mean; imports: math, torch."""
-
-    def variance(x):  # biased: the 1/n cancels in the ratio
-        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
-    var_target = variance(target)
-    return torch.where(var_target == 0, math.nan, 1 - variance(target - predicted) / var_target)
-
-
-# ==== PPO update ==================================================================================
-
-def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
-    """Linear decay from lr towards 0 when annealing, else constant. Copy alone."""
-    return lr * (1 - iteration / num_iterations) if anneal else lr
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Sets every param group's lr: a float is replaced, a tensor lr (read by a captured GPU graph of
-    Adam(capturable=True)) filled in place. Copy alone; imports: torch."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
-def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
-    """The post's annealing: explore early, exploit late. Copy alone."""
-    return max(floor, initial * (1 - iteration / num_iterations))
-
-
-def count_weighted_mean(rows: torch.Tensor) -> torch.Tensor:
-    """rows [k, width + 1], the last column a count -> [width]: the mean of the rows weighted by
-    their counts (a mean of minibatch means that is the mean over all their samples). Copy alone."""
-    return (rows[:, :-1] * rows[:, -1:]).sum(0) / rows[:, -1].sum().clamp(min=1)
-
-
-def minibatch_loss(net: ActorCritic, obs: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor,
-                   old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
-                   valid: torch.Tensor, *, clip_eps: float, value_clip_eps: float | None,
-                   value_coef: float, entropy_coef: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (9) on one minibatch: loss = -L^CLIP + c1 L^VF - c2 H, each a mean over the valid
-    samples. obs [M, D], the rest [M], valid [M] bool; entropy_coef may be a 0-dim tensor. Returns
-    (loss, stats [5]: -L^CLIP, L^VF, entropy, approx KL, clip fraction), all on the device: tensor
-    work only, no host read, no Python branch on a tensor, so a GPU graph can replay it.
-
-    Copy with logprobs_of, entropy_of, masked_mean, clipped_surrogate_loss, value_loss and approx_kl;
-    imports: torch, torch.nn.functional as F.
-    """
-    logits, values = net(obs)
-    log_ratio = logprobs_of(logits, actions) - old_logprobs
-    ratio = torch.exp(log_ratio)  # r = pi / pi_old
-    policy_loss = clipped_surrogate_loss(ratio, advantages, clip_eps, valid)
-    v_loss = value_loss(values, old_values, returns, value_clip_eps, valid)
-    entropy = masked_mean(entropy_of(logits), valid)
-    loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
-    with torch.no_grad():
-        clip_fraction = masked_mean(((ratio - 1).abs() > clip_eps).float(), valid)
-        stats = torch.stack([policy_loss, v_loss, entropy, approx_kl(log_ratio, valid), clip_fraction])
-    return loss, stats
-
-
-def ppo_update(net: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
-               minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
-               entropy_coef: float | torch.Tensor, value_coef: float, max_grad_norm: float | None = None,
-               target_kl: float | None = None, normalize_advantages: bool = False,
-               generator: torch.Generator | None = None) -> dict:
-    """K epochs of shuffled minibatch SGD on one rollout, actor and critic together through the
-    shared trunk (Algorithm 1). advantages, returns: [T, N] from compute_gae; minibatch_size divides
-    T * N; value_clip_eps None: no value clip; target_kl: once a minibatch's approx KL (before its
-    step) exceeds it, that step is skipped and the update ends.
-
-    All T * N steps enter each epoch's permutation, so every minibatch has one shape; the autoreset
-    steps (rollout.valid 0) weigh 0 in every mean and their inputs are zeroed (a NaN there would
-    reach the gradient as 0 * NaN). A mask, not valid.nonzero(): that sizes the batch by the data,
-    read on the host, which a GPU graph cannot replay. A minibatch without a valid step has zero
-    loss and gradient (at the default sizes, it does not happen).
-
-    Returns, averaged over the valid samples of the minibatches stepped: the losses (the three terms
-    and `loss`, eq. 9's total), entropy, clip fraction, `grad_norm` (before clipping); approx KL
-    (with the minibatch that stopped the update, as SB3 logs it); the explained variance of V_old; epochs completed, minibatches run; `nonfinite`, which of "loss", "gradient
-    norm", "parameters" went NaN or infinite. One host read per update (target_kl: one per minibatch).
-
-    Copy with Rollout, minibatch_loss (and what it travels with), count_weighted_mean and
-    explained_variance; imports: dataclasses.dataclass, math, torch, torch.nn as nn,
-    torch.nn.functional as F.
-    """
-    valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
-    batch_size = valid.numel()
-    if batch_size % minibatch_size:
-        raise ValueError(f"minibatch_size {minibatch_size} does not divide the rollout's {batch_size} steps")
-    # Off by default: once solved, the advantages are ~30x smaller, mostly noise, and scaled to std 1
-    # they make every update full-size (docs/long-run.md). When on, one scale for the whole batch.
-    b_advantages = advantages.flatten()
-    if normalize_advantages:  # (one sample has no spread to scale by: left as it is)
-        count, mean = valid.sum(), masked_mean(b_advantages, valid)
-        std = torch.sqrt(masked_mean((b_advantages - mean) ** 2, valid) * count / (count - 1))  # unbiased
-        b_advantages = torch.where(count > 1, (b_advantages - mean) / (std + 1e-8), b_advantages)
-    b_obs = torch.where(valid.unsqueeze(1), rollout.obs.flatten(0, 1), 0)  # [T, N, D] -> [T*N, D]
-    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
-        torch.where(valid, x.flatten(), 0) for x in
-        (rollout.actions, rollout.logprobs, rollout.values, returns, b_advantages))
-
-    # Every epoch's shuffle drawn up front. Each epoch shuffles the batch once and cuts it into
-    # consecutive minibatches: [T*N, ...] -> [T*N / minibatch_size, minibatch_size, ...].
-    permutations = torch.stack([torch.randperm(batch_size, device=valid.device, generator=generator)
-                                for _ in range(update_epochs)])  # [K, T*N]
-    batch = (b_obs, b_actions, b_logprobs, b_values, b_advantages, b_returns, valid)
-    logged = []  # per minibatch stepped: its 5 stats, loss, gradient norm, valid count
-    kls = []  # per minibatch, the one that ends the update too: approx KL, valid count
-    minibatches = epochs = 0
-    kl_stop = False
-    for permutation in permutations:
-        shuffled = [x[permutation].unflatten(0, (-1, minibatch_size)) for x in batch]
-        for mb_obs, mb_actions, mb_logprobs, mb_values, mb_advantages, mb_returns, mb_valid in zip(*shuffled):
-            loss, stats = minibatch_loss(net, mb_obs, mb_actions, mb_logprobs, mb_values, mb_advantages, mb_returns,
-                                         mb_valid, clip_eps=clip_eps, value_clip_eps=value_clip_eps,
-                                         value_coef=value_coef, entropy_coef=entropy_coef)
-            kl, count = stats[3], mb_valid.float().sum()
-            kls.append(torch.stack([kl, count]))
-            if target_kl is not None and kl.item() > target_kl:
-                kl_stop = True  # this step would push the policy too far from pi_old: skip it
-                break
-
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)  # inf: measure only
-            optimizer.step()
-            logged.append(torch.cat([stats, torch.stack([loss.detach(), grad_norm, count])]))
-            minibatches += 1
-        if kl_stop:
-            break  # ends the rest of *this* update; the next rollout updates again
-        epochs += 1
-
-    means = count_weighted_mean(torch.stack(logged)) if logged else torch.zeros(7, device=valid.device)
-    weights_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
-    policy_loss, v_loss, entropy, _, clip_fraction, loss, grad_norm, kl, ev, weights_ok = torch.cat(
-        [means, count_weighted_mean(torch.stack(kls)), explained_variance(b_values, b_returns, valid).view(1),
-         weights_finite.view(1)]).tolist()
-    # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
-    nonfinite = [name for name, ok in (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
-                                       ("parameters", weights_ok)) if not ok]
-    return dict(policy_loss=policy_loss, value_loss=v_loss, entropy=entropy, loss=loss, grad_norm=grad_norm,
-                approx_kl=kl, clip_fraction=clip_fraction, explained_variance=ev, epochs=epochs, minibatches=minibatches,
-                nonfinite=nonfinite)
-
-
-# ==== The training loop ===========================================================================
-
-def train(config: Config) -> dict:
-    """Train PPO as configured, write the run folder, return the summary (also summary.json). Ctrl-C
-    (or SIGTERM, which main turns into an Interrupted) ends the loop early, and so does a NaN or
-    infinite loss, gradient norm or parameter, or any error (raised again once the files are written)."""
-    log = RunLog(resolve(config))  # first: it claims the run folder
-    config = log.config
-    device = torch.device(config.device)
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)  # network init; sampling and shuffling use `generator`
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    envs = make_envs(config.env_id, config.num_envs, device, config.env_backend, config.vectorization_mode)
-    net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
-    # fused: all the weights' Adam arithmetic in one kernel a step (on the CPU, the update ~9% faster);
-    # eps 1e-8, torch's default (CleanRL: 1e-5)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)
-    entropy_coef = torch.zeros((), device=device)  # set in place, never rebound: a GPU graph reads it there
-    best = BestPolicy(log.out_dir / "best.pt", config.env_id, config.confirm_episodes,
-                      config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config))
-    signal_name = divergence = error = None  # why the run ended early, if it did
-    iteration, bar = 0, tqdm(range(config.num_iterations), desc="PPO", mininterval=0.5)
-    try:
-        collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, device)  # resets the envs
-        advantages, returns = torch.zeros_like(collector.rewards), torch.zeros_like(collector.rewards)  # [T, N]
-        for iteration in bar:
-            lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
-            set_lr(optimizer, lr)
-            coef = entropy_coef_at(iteration, config.num_iterations, config.entropy_coef, config.entropy_floor)
-            entropy_coef.fill_(coef)
-            # 1. Collect: N envs x T steps with the current policy, pi_old.
-            with log.timed("collect"):
-                rollout = collector.collect(net, config.gamma, generator)
-            # 2. Advantages: GAE along time, per env.
-            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
-                                              config.gamma, config.gae_lambda, out=(advantages, returns))
-            # 3. Update: K epochs of minibatch SGD on the clipped surrogate, value loss and entropy.
-            with log.timed("update"):
-                stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
-                                   minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
-                                   value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef,
-                                   value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
-                                   target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
-                                   generator=generator)
-            # 4. Log the episodes that ended: their returns, EMA, last-100 mean, and the solve.
-            ended = log.episodes(iteration, rollout)
-            solved = log.tracker.solved_at_step is not None
-            # 5. best.pt's turn: a new best of the EMA, confirmed greedily; once solved, every iteration
-            #    until a saved policy plays the target. Never a NaN policy: best.pt keeps the last finite one.
-            saved = False
-            if stats["nonfinite"]:
-                divergence = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
-                print(f"\ndiverged at {divergence}; stopping. Try a lower --lr (now {lr:g}) or gradient clipping "
-                      f"(--max-grad-norm 0.5).", file=sys.stderr)
-            else:
-                saved = best.consider(net, log.tracker.ema, always=solved and best.confirmed < config.target_return)
-            log.metrics(iteration, stats, episodes=ended, best_confirmed_return=best.confirmed,
-                        best_saved=int(saved), lr=lr, entropy_coef=coef)
-            bar.set_postfix(log.progress, refresh=False)
-            # 6. Stop on divergence; or, if asked to, once solved and best.pt plays the target (or confirms nothing).
-            played = best.confirmed >= config.target_return or not config.confirm_episodes
-            if divergence or (config.stop_when_solved and solved and played):
-                break
-    except KeyboardInterrupt as exc:
-        signal_name = getattr(exc, "signal_name", "SIGINT")
-        print(f"\n{signal_name}: writing final.pt, metrics, plot and summary", file=sys.stderr)
-    except Exception as exc:  # the env's, a full disk's, or a bug's: the files first, then the error as it is
-        error = exc
-        print(f"\n{type(exc).__name__} at iteration {iteration}: writing final.pt, metrics, plot and summary",
-              file=sys.stderr)
-    finally:
-        bar.close()
-        with contextlib.suppress(Exception):  # a broken env may fail to close too: its first error stands
-            envs.close()
-    summary = finish_run(config, log, best, net, signal_name=signal_name, divergence=divergence, error=error)
-    if error is not None and not isinstance(error, RunStopped):
-        raise error
-    return summary
-
-
-# ##################################################################################################
-#   PPO ends above. What follows is the machinery of a run: CartPole in torch, the command line,
-#   files and checkpoints, tracking (returns, best.pt, the run log), greedy play, the plot and main.
-# ##################################################################################################
-
-
-# ==== CartPole in torch: thousands of envs on the device ==========================================
-
 class TorchCartPole:
     """CartPole-v1 for N envs at once in torch, on any device: gymnasium 1.x's CartPoleVectorEnv.step
     with the same physics (explicit Euler), strict thresholds, rewards, time limit (500: terminated
     and truncated can both be true then), initial states and next-step autoreset. Gymnasium keeps
     the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12). Observations are
     float32 copies; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set in place.
-    Nothing here synchronises with the host: a step resets by torch.where from a full [N, 4] batch
-    of initial states, its argument (Collector draws a rollout's at once) or else drawn then. The
-    carried state (`state`, `steps`, `prev_done`) is updated in place, so a replayed GPU graph of
-    `step` carries it on.
+    Nothing here synchronises with the host: each step draws a full [N, 4] batch of initial states
+    from `generator` and resets by torch.where. The carried state (`state`, `steps`, `prev_done`)
+    is updated in place.
     """
+
+    metadata = {"autoreset_mode": "NextStep"}  # as gymnasium >= 1.1 declares it
 
     gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
     total_mass, polemass_length = masspole + masscart, masspole * length
@@ -650,7 +558,7 @@ class TorchCartPole:
         self.prev_done = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
 
     def draw_initial_states(self, out: torch.Tensor) -> torch.Tensor:
-        """Fills out [..., N, 4] with initial states, uniform in [-0.05, 0.05), from self.generator."""
+        """Fills out [N, 4] with initial states, uniform in [-0.05, 0.05), from self.generator."""
         return out.uniform_(-0.05, 0.05, generator=self.generator)
 
     def reset(self, seed: int | None = None):
@@ -661,11 +569,9 @@ class TorchCartPole:
         self.prev_done.zero_()
         return self.state.to(torch.float32, copy=True), {}
 
-    def step(self, actions: torch.Tensor, initial_states: torch.Tensor | None = None):
-        """actions [N] in {0, 1}, initial_states [N, 4] for the envs that reset on this step (None:
-        drawn now) -> (obs [N, 4], reward [N], terminated [N], truncated [N], {})."""
-        if initial_states is None:
-            initial_states = self.draw_initial_states(torch.empty_like(self.state))
+    def step(self, actions: torch.Tensor):
+        """actions [N] in {0, 1} -> (obs [N, 4], reward [N], terminated [N], truncated [N], {})."""
+        initial_states = self.draw_initial_states(torch.empty_like(self.state))  # for the envs that reset now
         x, x_dot, theta, theta_dot = self.state.unbind(1)
         force = self.forces[actions]  # action 1 pushes right
         costheta, sintheta = torch.cos(theta), torch.sin(theta)
@@ -689,6 +595,17 @@ class TorchCartPole:
 
 
 # ==== The command line: flags, resolve, validation ================================================
+
+def flag_name(field: str) -> str:
+    """A Config field's flag: num_envs -> --num-envs."""
+    return "--" + field.replace("_", "-")
+
+
+# Each backend's sizes, for the size flags left out (None in Config: an explicit default could not tell
+# "left out" from "given"). On a GPU, thousands of TorchCartPoles cost what eight do (docs/torch-backend.md).
+BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
+                 "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
+
 
 # The blog post's hyper-parameters, as flags: `python ppo_cartpole.py $POST_SETTINGS` trains as it did,
 # with its defects fixed.
@@ -735,7 +652,7 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
 def resolve(config: Config) -> Config:
     """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
     the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
-    asked for); the backend's sizes where None; max_grad_norm 0 -> None. Training only: the env's
+    asked for); the backend's sizes where None. Training only: the env's
     reward_threshold as target_return where None. (out_dir None: RunLog makes a fresh folder.)
     """
     device = resolve_device(config.device)
@@ -744,8 +661,7 @@ def resolve(config: Config) -> Config:
         on_device = device.type == "cuda" and config.env_id == "CartPole-v1" and config.vectorization_mode == "auto"
         backend = "torch" if on_device else "gymnasium"
     sizes = {name: value for name, value in BACKEND_SIZES[backend].items() if getattr(config, name) is None}
-    resolved = dataclasses.replace(config, device=device.type, env_backend=backend, **sizes,
-                                   max_grad_norm=config.max_grad_norm or None)
+    resolved = dataclasses.replace(config, device=device.type, env_backend=backend, **sizes)
     if config.eval is not None:  # --eval reads the env from the checkpoint and writes beside it
         return resolved
     target_return = config.target_return
@@ -764,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     types = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
         flag = dict(field.metadata)
-        names = ["--" + field.name.replace("_", "-"), *flag.pop("aliases", ())]
+        names = [flag_name(field.name), *flag.pop("aliases", ())]
         kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
         if field.name in BACKEND_SIZES["gymnasium"]:
             flag["help"] += " (default: {}; torch backend: {})".format(*(BACKEND_SIZES[b][field.name]
@@ -837,7 +753,7 @@ def check_config(c: Config) -> None:
     bounds a CartPole rollout and its update take about 3 GB) and a run folder without an earlier run."""
     for field in dataclasses.fields(Config):
         value, allowed = getattr(c, field.name), field.metadata.get("allowed")
-        flag = "/".join(["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())])
+        flag = "/".join([flag_name(field.name), *field.metadata.get("aliases", ())])
         if isinstance(value, float):  # what torch computes in: a finite float32
             require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")
         if allowed and value is not None:
@@ -1080,13 +996,6 @@ class RunLog:
               f"{config.num_iterations} iterations of {config.buffer_size} steps"
               f"{' at most: stops once solved' if config.stop_when_solved else ''} -> {self.out_dir}", flush=True)
 
-    @contextlib.contextmanager
-    def timed(self, part: str):
-        """Adds the time spent inside the block to self.seconds[part]."""
-        t0 = time.perf_counter()
-        yield
-        self.seconds[part] += time.perf_counter() - t0
-
     def write(self, name: str, rows: list[dict]) -> None:
         """Appends the rows to name.csv, whole or not at all, and keeps them."""
         text = io.StringIO()
@@ -1109,7 +1018,9 @@ class RunLog:
         return len(returns)
 
     def metrics(self, iteration: int, stats: dict, **columns) -> None:
-        """The iteration's row of metrics.csv: ppo_update's stats, the returns, and `columns`."""
+        """The iteration's row of metrics.csv: ppo_iterations' stats, the returns, and `columns`."""
+        for part in self.seconds:
+            self.seconds[part] += stats.get(f"{part}_seconds", 0.0)
         tracker, episodes, now = self.tracker, self.rows["episodes"], time.perf_counter() - self.start
         row = dict(iteration=iteration, env_steps=self.env_steps, seconds=round(now, 3),
                    steps_per_second=round(self.env_steps / now), **{k: stats[k] for k in METRIC_FIELDS if k in stats},
@@ -1125,74 +1036,6 @@ class RunLog:
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
             "numpy": np.__version__}
-
-
-def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, *, signal_name: str | None = None,
-               divergence: str | None = None, error: Exception | None = None) -> dict:
-    """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
-    evaluation, summary.json, the plot and the GIF; returns the summary. After a signal or an error,
-    the candidate check and the evaluation (long, or the broken env again) are skipped, and after an
-    error the GIF too; after a divergence the non-finite weights are neither final.pt nor a candidate.
-    A step that cannot write its file (a full disk), or any step after an error, is skipped with one
-    line: never a second traceback over the first. summary["error"] is the first failure, if any."""
-    out_dir, tracker, failures = log.out_dir, log.tracker, [error] if error else []
-    stopped = signal_name is not None or error is not None
-
-    def first_failure() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
-        if not failures:
-            return None
-        first = failures[0]  # the run's own stop in its words; anything else with its type
-        return f"iteration {len(log.rows['metrics'])}: " + (str(first) if isinstance(first, RunStopped)
-                                                             else f"{type(first).__name__}: {first}")
-
-    def attempt(what: str, step):
-        try:
-            return step()
-        except Exception as exc:
-            if not (failures or isinstance(exc, WriteError)):
-                raise  # a bug in a run that went well: its traceback
-            print(f"skipped {what}: {exc}", file=sys.stderr)
-            failures.append(exc)
-
-    if divergence is None:
-        attempt("final.pt", lambda: save_checkpoint(out_dir / "final.pt", net, best.config))
-        if not stopped:
-            attempt("best.pt's last check", lambda: best.consider(net, tracker.ema, always=True))
-    best_net = attempt("best.pt", lambda: load_agent(out_dir / "best.pt", config.device)[0]) \
-        if (out_dir / "best.pt").exists() else None  # (none: diverged before any save)
-    returns = attempt("the evaluation", lambda: evaluate(best_net, config.env_id, config.eval_episodes,
-                                                         config.seed + EVAL_SEED_OFFSET)) \
-        if best_net is not None and not stopped else None
-    evaluated = returns is not None
-    seconds, collect_seconds = time.perf_counter() - log.start, log.seconds["collect"]
-    summary = dict(
-        solved_at_step=tracker.solved_at_step, solved_at_seconds=log.solved_at_seconds,
-        solved_at_iteration=log.solved_at_iteration, best_ema_return=best.best_ema if log.rows["episodes"] else None,
-        best_confirmed_return=best.confirmed if math.isfinite(best.confirmed) else None,
-        eval_return_mean=float(returns.mean()) if evaluated else None,
-        eval_return_std=float(returns.std()) if evaluated else None, eval_episodes=len(returns) if evaluated else 0,
-        env_steps=log.env_steps, iterations=len(log.rows["metrics"]), episodes=len(log.rows["episodes"]),
-        seconds=seconds, steps_per_second=log.env_steps / seconds, collect_seconds=collect_seconds,
-        update_seconds=log.seconds["update"],
-        collect_steps_per_second=log.env_steps / collect_seconds if collect_seconds else None,
-        confirm_seconds=best.seconds, signal=signal_name, divergence=divergence,
-        error=first_failure(), out_dir=str(out_dir),
-        device=config.device, torch_threads=torch.get_num_threads(), versions=versions(), config=best.config)
-    attempt("summary.json", lambda: atomic_write(out_dir / "summary.json",
-                                                 lambda f: f.write(json.dumps(summary, indent=2).encode())))
-    if config.plot:
-        attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return,
-                                                      out_dir / "training.png", tracker.solved_at_step, config.target_kl))
-    if config.gif and best_net is not None and error is None:
-        attempt("agent.gif", lambda: render_gif(best_net, config.env_id, out_dir / "agent.gif",
-                                                seed=config.seed + EVAL_SEED_OFFSET))
-    summary["error"] = first_failure()  # a clean-up step's too, which summary.json could not hold
-    solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
-              if tracker.solved_at_step is not None else "diverged" if divergence else "not solved")
-    played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
-              f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
-    print(f"{solved}; {played}; {log.env_steps} steps in {seconds:.1f} s -> {out_dir}")
-    return summary
 
 
 # ==== Greedy play: evaluation and the GIF =========================================================
@@ -1383,6 +1226,157 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     return fig
 
 
+# ==== The run: train ============================================================================
+
+EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2}  # a signal's: 128 + its number (Ending)
+
+@dataclass
+class Ending:
+    """Why a run ended: the one record that finish_run, summary.json and main's exit status read."""
+
+    signal: str | None = None  # the signal that stopped the loop: SIGINT (Ctrl-C), SIGTERM
+    divergence: str | None = None  # "iteration 12: the loss went NaN or infinite"
+    error: Exception | None = None  # what ended the loop: the env's, a full disk's, or a bug's
+    cleanup_failures: list[Exception] = dataclasses.field(default_factory=list)  # finish_run's steps that failed
+
+    @property
+    def cut_short(self) -> bool:
+        """Stopped by a signal or an error: the clean-up plays no greedy episodes (long, or the broken env again)."""
+        return self.signal is not None or self.error is not None
+
+    @property
+    def first_failure(self) -> Exception | None:
+        return self.error or next(iter(self.cleanup_failures), None)
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number (130 Ctrl-C, 143 SIGTERM); 1 if it diverged or anything failed; else 0."""
+        if self.signal is not None:
+            return 128 + signal.Signals[self.signal]
+        return EXIT_STATUS["stopped early"] if self.divergence or self.first_failure else EXIT_STATUS["done"]
+
+
+def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, ending: Ending) -> dict:
+    """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
+    evaluation, summary.json, the plot and the GIF; returns the summary. A run cut short (a signal, an
+    error) skips the candidate check and the evaluation, and after an error the GIF too; after a
+    divergence the non-finite weights are neither final.pt nor a candidate. A step that cannot write
+    its file (a full disk), or any step after an error, is skipped with one line, into
+    ending.cleanup_failures: never a second traceback over the first."""
+    out_dir, tracker = log.out_dir, log.tracker
+
+    def first_failure() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
+        first = ending.first_failure  # the run's own stop in its words; anything else with its type
+        return None if first is None else f"iteration {len(log.rows['metrics'])}: " + (
+            str(first) if isinstance(first, RunStopped) else f"{type(first).__name__}: {first}")
+
+    def attempt(what: str, step):
+        try:
+            return step()
+        except Exception as exc:
+            if not (ending.first_failure or isinstance(exc, WriteError)):
+                raise  # a bug in a run that went well: its traceback
+            print(f"skipped {what}: {exc}", file=sys.stderr)
+            ending.cleanup_failures.append(exc)
+
+    if ending.divergence is None:
+        attempt("final.pt", lambda: save_checkpoint(out_dir / "final.pt", net, best.config))
+        if not ending.cut_short:
+            attempt("best.pt's last check", lambda: best.consider(net, tracker.ema, always=True))
+    best_net = attempt("best.pt", lambda: load_agent(out_dir / "best.pt", config.device)[0]) \
+        if (out_dir / "best.pt").exists() else None  # (none: diverged before any save)
+    returns = attempt("the evaluation", lambda: evaluate(best_net, config.env_id, config.eval_episodes,
+                                                         config.seed + EVAL_SEED_OFFSET)) \
+        if best_net is not None and not ending.cut_short else None
+    evaluated = returns is not None
+    seconds, collect_seconds = time.perf_counter() - log.start, log.seconds["collect"]
+    summary = dict(
+        solved_at_step=tracker.solved_at_step, solved_at_seconds=log.solved_at_seconds,
+        solved_at_iteration=log.solved_at_iteration, best_ema_return=best.best_ema if log.rows["episodes"] else None,
+        best_confirmed_return=best.confirmed if math.isfinite(best.confirmed) else None,
+        eval_return_mean=float(returns.mean()) if evaluated else None,
+        eval_return_std=float(returns.std()) if evaluated else None, eval_episodes=len(returns) if evaluated else 0,
+        env_steps=log.env_steps, iterations=len(log.rows["metrics"]), episodes=len(log.rows["episodes"]),
+        seconds=seconds, steps_per_second=log.env_steps / seconds, collect_seconds=collect_seconds,
+        update_seconds=log.seconds["update"],
+        collect_steps_per_second=log.env_steps / collect_seconds if collect_seconds else None,
+        confirm_seconds=best.seconds, signal=ending.signal, divergence=ending.divergence,
+        error=first_failure(), exit_status=ending.exit_status, out_dir=str(out_dir),
+        device=config.device, torch_threads=torch.get_num_threads(), versions=versions(), config=best.config)
+    attempt("summary.json", lambda: atomic_write(out_dir / "summary.json",
+                                                 lambda f: f.write(json.dumps(summary, indent=2).encode())))
+    if config.plot:
+        attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return,
+                                                      out_dir / "training.png", tracker.solved_at_step, config.target_kl))
+    if config.gif and best_net is not None and ending.error is None:
+        attempt("agent.gif", lambda: render_gif(best_net, config.env_id, out_dir / "agent.gif",
+                                                seed=config.seed + EVAL_SEED_OFFSET))
+    # a clean-up step's failure too, which summary.json could not hold
+    summary.update(error=first_failure(), exit_status=ending.exit_status)
+    solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
+              if tracker.solved_at_step is not None else "diverged" if ending.divergence else "not solved")
+    played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
+              f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
+    print(f"{solved}; {played}; {log.env_steps} steps in {seconds:.1f} s -> {out_dir}")
+    return summary
+
+
+def train(config: Config) -> dict:
+    """Train PPO as configured (ppo_iterations), write the run folder, return the summary (also
+    summary.json). Here is what a run does with each iteration: the episodes and metrics CSVs,
+    best.pt's turn, the stop. Ctrl-C (or a signal main turns into Interrupted), a NaN or infinite
+    loss, gradient norm or parameter, or any error ends the loop early; an error is raised again
+    once the files are written, unless it is a RunStopped (one line)."""
+    log = RunLog(resolve(config))  # first: it claims the run folder
+    config = log.config
+    device = torch.device(config.device)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # the network's init; sampling and shuffling draw from `generator`
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    envs = make_envs(config.env_id, config.num_envs, device, config.env_backend, config.vectorization_mode)
+    net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    best = BestPolicy(log.out_dir / "best.pt", config.env_id, config.confirm_episodes,
+                      config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config))
+    ending = Ending()
+    bar = tqdm(total=config.num_iterations, desc="PPO", mininterval=0.5)
+    try:
+        for iteration, (rollout, stats) in enumerate(ppo_iterations(config, envs, net, generator)):
+            # The episodes that ended: their returns, EMA, last-100 mean, and the solve.
+            ended = log.episodes(iteration, rollout)
+            solved = log.tracker.solved_at_step is not None
+            # best.pt's turn: a new best of the EMA, confirmed greedily; once solved, every iteration
+            # until a saved policy plays the target. Never a NaN policy: best.pt keeps the last finite one.
+            saved = False
+            if stats["nonfinite"]:
+                ending.divergence = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
+                print(f"\ndiverged at {ending.divergence}; stopping. Try a lower --lr (now {stats['lr']:g}) or "
+                      f"gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
+            else:
+                saved = best.consider(net, log.tracker.ema, always=solved and best.confirmed < config.target_return)
+            log.metrics(iteration, stats, episodes=ended, best_confirmed_return=best.confirmed, best_saved=int(saved))
+            bar.update()
+            bar.set_postfix(log.progress, refresh=False)
+            # Stop on divergence; or, if asked to, once solved and best.pt plays the target (or confirms nothing).
+            played = best.confirmed >= config.target_return or not config.confirm_episodes
+            if ending.divergence or (config.stop_when_solved and solved and played):
+                break
+    except KeyboardInterrupt as exc:
+        ending.signal = getattr(exc, "signal_name", "SIGINT")
+        print(f"\n{ending.signal}: writing final.pt, metrics, plot and summary", file=sys.stderr)
+    except Exception as exc:  # the env's, a full disk's, or a bug's: the files first, then the error as it is
+        ending.error = exc
+        print(f"\n{type(exc).__name__} at iteration {len(log.rows['metrics'])}: writing final.pt, metrics, plot and summary",
+              file=sys.stderr)
+    finally:
+        bar.close()
+        with contextlib.suppress(Exception):  # a broken env may fail to close too: its first error stands
+            envs.close()
+    summary = finish_run(config, log, best, net, ending)
+    if ending.error is not None and not isinstance(ending.error, RunStopped):
+        raise ending.error
+    return summary
+
+
 # ==== Main ========================================================================================
 
 def run_eval(config: Config) -> None:
@@ -1408,11 +1402,6 @@ def run_eval(config: Config) -> None:
         print(f"wrote {gif_path}")
 
 
-EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal
-
-
-class RunStopped(Exception):
-    """A run that cannot go on through no fault of PPO's code: main prints one line and exits 1."""
 
 
 class WriteError(RunStopped):
@@ -1420,10 +1409,6 @@ class WriteError(RunStopped):
 
     def __init__(self, path, exc: OSError):
         super().__init__(f"could not write {path}: {exc.strerror or exc}")
-
-
-class NonFiniteEnv(RunStopped):
-    """An env that returned a NaN or infinite observation or reward: the env's bug, not divergence."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1454,8 +1439,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config)
         if summary["error"]:
             print(f"error: {summary['error']}", file=sys.stderr)
-        return EXIT_STATUS[summary["signal"] or ("stopped early" if summary["divergence"] or summary["error"]
-                                                 else "done")]
+        return summary["exit_status"]
     except UsageError as exc:
         parser = build_parser()
         parser.print_usage(sys.stderr)
@@ -1464,7 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         name = getattr(exc, "signal_name", "SIGINT")
         print(f"\n{name}: stopped; the files written so far are whole", file=sys.stderr)
-        return EXIT_STATUS[name]
+        return Ending(signal=name).exit_status
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -71,8 +71,8 @@ def child(name: str, seed: int, budget: int, out_dir: str) -> None:
                              "--device", "cpu", "--no-plot", "--no-gif", "--eval-episodes", "1", "--out-dir", out_dir])
     budget_iterations = max(1, budget // config.buffer_size)
     # The lr schedule still runs over --episodes: only the loop over them is cut short.
-    real_tqdm = ppo.tqdm
-    ppo.tqdm = lambda iterations, **bar: real_tqdm(itertools.islice(iterations, budget_iterations), **bar)
+    real_iterations = ppo.ppo_iterations
+    ppo.ppo_iterations = lambda *args: itertools.islice(real_iterations(*args), budget_iterations)
     ppo.train(config)
 
 

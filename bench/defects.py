@@ -27,18 +27,17 @@ class ResetEveryRollout(ppo.Collector):
         return super().collect(net, gamma, generator)
 
 
-def flat_buffer_gae(rewards, values, dones, last_value, gamma, lam, out=None):
+def flat_buffer_gae(rewards, values, dones, last_value, gamma, lam):
     """The post's flat buffer: the envs' steps interleaved ([T, N] read row by row) and GAE run
     over that as one time series, so env n's step t bootstraps from env n+1's value.
-    Inputs and outputs as ppo.compute_gae (fresh tensors: `out` is not written, and train reads
-    what is returned); the one bootstrap is the last entry's env's."""
+    Inputs and outputs as ppo.compute_gae; the one bootstrap is the last entry's env's."""
     T, N = rewards.shape
     advantages = compute_gae(rewards.reshape(T * N, 1), values.reshape(T * N, 1), dones.reshape(T * N, 1),
                              last_value[-1:], gamma, lam)[0].reshape(T, N)  # [T*N, 1] -> [T, N]
     return advantages, advantages + values
 
 
-def averaged_bootstrap_gae(rewards, values, dones, last_value, gamma, lam, out=None):
+def averaged_bootstrap_gae(rewards, values, dones, last_value, gamma, lam):
     """The post's `next_value.mean(dim=0)`: one bootstrap value, averaged over the envs."""
     return compute_gae(rewards, values, dones, last_value.mean().expand_as(last_value), gamma, lam)
 
@@ -72,7 +71,7 @@ class PostCollector(ResetEveryRollout, TruncationAsTermination, StoreAutoresetSt
     """The post's three collector defects at once (each collect() runs its change, then the next's)."""
 
 
-def post_gae(rewards, values, dones, last_value, gamma, lam, out=None):
+def post_gae(rewards, values, dones, last_value, gamma, lam):
     """The post's two GAE defects at once: the flat buffer, bootstrapped by the envs' mean."""
     return flat_buffer_gae(rewards, values, dones, last_value.mean().expand_as(last_value), gamma, lam)
 

@@ -115,7 +115,7 @@ def losses(run_dir: Path) -> list[tuple[str, str]]:
 def test_every_patched_variant_trains_in_the_loop_and_changes_it(name, tmp_path, monkeypatch):
     """Each defect swapped into train() runs there, two iterations, and changes its losses (all
     but truncation as termination, which needs an episode of 500 steps to show)."""
-    for attribute in ("Collector", "compute_gae", "layer_init", "tqdm"):
+    for attribute in ("Collector", "compute_gae", "layer_init", "ppo_iterations"):
         monkeypatch.setattr(ppo, attribute, getattr(ppo, attribute))  # undone after the test
     ablations.child(ablations.OURS, 1, 2048, str(tmp_path / "ours"))
     ablations.child(name, 1, 2048, str(tmp_path / "run"))
