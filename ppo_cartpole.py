@@ -3,7 +3,6 @@
 The algorithm first, in the order it runs (config, model, rollout, advantages, losses, update, the
 loop), then after a banner the machinery of a run. Each piece's "Copy with ...; imports: ..." names
 what a copy of it needs. Shapes: T steps per env per rollout, N envs, B samples, A actions, D obs size.
-
 Usage:
     python ppo_cartpole.py --stop-when-solved              # train with the defaults until solved
     python ppo_cartpole.py --episodes 2000 --device cuda   # on a GPU: CartPole stepped in torch
@@ -38,7 +37,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # ==== Config ======================================================================================
-
 def option(default, help: str, **flag):
     """A Config field and its flag (argparse keywords too); `allowed`, an interval, is checked and shown."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
@@ -98,7 +96,6 @@ class Config:
 
 
 # ==== Model =======================================================================================
-
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
     """Orthogonal weights, zero bias (the PPO paper's baselines code). Copy alone; imports: torch.nn as nn."""
     nn.init.orthogonal_(layer.weight, gain)
@@ -136,25 +133,22 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = Non
 
 
 def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s): logits [..., A], actions [...] -> [...]. Copy alone; imports: torch,
-    torch.nn.functional as F."""
+    """log pi(a|s): logits [..., A], actions [...] -> [...]. Copy alone; imports: torch, torch.nn.functional as F."""
     return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last axis: [..., A] -> [...]. Copy alone; imports: torch,
-    torch.nn.functional as F."""
+    """Entropy of softmax(logits): [..., A] -> [...]. Copy alone; imports: torch, torch.nn.functional as F."""
     logprobs = F.log_softmax(logits, dim=-1)
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
 # ==== Rollout =====================================================================================
-
 @dataclass
 class Rollout:
-    """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list mixed the
-    envs up). Copy with Collector; imports: dataclasses.dataclass, gymnasium as gym, torch, torch.nn as
-    nn, torch.nn.functional as F."""
+    """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list mixed
+    the envs). Copy with Collector; imports: dataclasses.dataclass, gymnasium as gym, torch, torch.nn
+    as nn, torch.nn.functional as F."""
 
     obs: torch.Tensor  # [T, N, D]
     actions: torch.Tensor  # [T, N]
@@ -170,7 +164,6 @@ class Rollout:
 
 class Collector:
     """Steps N envs for T steps per rollout with the current policy, pi_old, into a [T, N] Rollout.
-
     envs: torch in and out, next-step autoreset (make_envs's contract): the step after an episode
     ends only resets that env and is masked out (`valid`). Same-step autoreset (gymnasium < 1.0, as
     CleanRL pins; `final_obs` in info) is refused. The envs run on across rollouts (the post reset
@@ -196,8 +189,7 @@ class Collector:
                                valid=zeros(T, N), last_value=zeros(N), ended_returns=zeros(T, N),
                                ended_lengths=zeros(T, N))
         self.truncated_only = zeros(T, N)  # 1.0 where a time limit alone ended the episode: bootstrapped
-        self.next_obs = zeros(N, *obs_shape)
-        self.next_obs.copy_(envs.reset(seed=seed)[0])  # the only reset: autoreset does the rest
+        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)  # the only reset
         self.prev_done = zeros(N)  # the episode ended on the previous step: this one is an autoreset
         self.episode_return, self.episode_length = zeros(N), zeros(N)
 
@@ -239,11 +231,9 @@ class Collector:
 
 
 # ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
-
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation along time, vectorised over envs.
-
     rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
     (the post averaged one over all envs). Returns (advantages, returns = advantages + values) [T, N].
     - dones[t] = 1 iff the episode ended *at* step t. CleanRL's dones[t] means "ended *before* step
@@ -265,7 +255,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 # ==== Losses ======================================================================================
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of x [B] over mask [B] (bool; None = all), 0 if the mask is empty. torch.where, not a
     product: a NaN where the mask is False stays out of the value. Copy alone; imports: torch."""
@@ -286,9 +275,9 @@ def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_e
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                clip_eps: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L^VF = 0.5 * mean((v - R)^2); with clip_eps, as the baselines code clips it: 0.5 *
-    mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)). Inputs [B]; the mean is over
-    `mask` (default all). Copy with masked_mean; imports: torch."""
+    """L^VF = 0.5 * mean((v - R)^2) over `mask` (default all), inputs [B]; with clip_eps, as the
+    baselines code: 0.5 * mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)). Copy with
+    masked_mean; imports: torch."""
     unclipped = (values - returns) ** 2
     if clip_eps is None:
         return 0.5 * masked_mean(unclipped, mask)
@@ -310,13 +299,11 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 
     def variance(x):  # biased: the 1/n cancels in the ratio
         return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
     var_target = variance(target)
     return torch.where(var_target == 0, math.nan, 1 - variance(target - predicted) / var_target)
 
 
 # ==== PPO update ==================================================================================
-
 def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
     """Linear decay from lr towards 0 when annealing, else constant. Copy alone."""
     return lr * (1 - iteration / num_iterations) if anneal else lr
@@ -334,8 +321,8 @@ def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: 
 
 
 def weighted_mean(rows: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
-    """The mean of the rows' `key`, each a minibatch's mean, weighted by its valid `count`: the mean
-    over all their samples. rows: one or more dicts of 0-dim tensors. Copy alone; imports: torch."""
+    """The mean over all samples of the rows' `key`, each a minibatch's mean weighted by its `count`.
+    rows: one or more dicts of 0-dim tensors. Copy alone; imports: torch."""
     values, counts = (torch.stack([row[k] for row in rows]) for k in (key, "count"))
     return (values * counts).sum() / counts.sum().clamp(min=1)
 
@@ -420,8 +407,7 @@ def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollou
             continue
         break  # a KL stop ends the rest of *this* update; the next rollout updates again
 
-    zero = torch.zeros((), device=valid.device)  # what a KL stop before the first step leaves logged
-    means = {key: weighted_mean(stepped, key) if stepped else zero
+    means = {key: weighted_mean(stepped, key) if stepped else torch.zeros((), device=valid.device)  # a KL stop
              for key in ("policy_loss", "value_loss", "entropy", "loss", "clip_fraction", "grad_norm")}
     means.update(approx_kl=weighted_mean(stepped + stopped, "approx_kl"),
                  explained_variance=explained_variance(b_values, b_returns, valid),
@@ -435,7 +421,6 @@ def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollou
 
 
 # ==== The loop: collect, advantages, update =======================================================
-
 def ppo_iterations(config: Config, envs, net: nn.Module, generator: torch.Generator | None = None):
     """PPO's loop (Algorithm 1): per iteration, yields (rollout, stats: ppo_update's, the lr, the
     entropy coefficient, the seconds spent collecting and updating); logging, saving and stopping are
@@ -456,11 +441,10 @@ def ppo_iterations(config: Config, envs, net: nn.Module, generator: torch.Genera
                                           config.gamma, config.gae_lambda)
         # 3. Update: K epochs of minibatch SGD on the clipped surrogate, the value loss and the entropy bonus.
         stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
-                           minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
-                           value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef,
-                           value_coef=config.value_coef, max_grad_norm=config.max_grad_norm,
-                           target_kl=config.target_kl, normalize_advantages=config.normalize_advantages,
-                           generator=generator)
+                           minibatch_size=config.minibatch_size, clip_eps=config.clip_eps, value_coef=config.value_coef,
+                           value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef, generator=generator,
+                           max_grad_norm=config.max_grad_norm, target_kl=config.target_kl,
+                           normalize_advantages=config.normalize_advantages)
         yield rollout, dict(stats, lr=lr, entropy_coef=entropy_coef, collect_seconds=collected - start,
                             update_seconds=time.perf_counter() - collected)
 
@@ -472,8 +456,7 @@ def ppo_iterations(config: Config, envs, net: nn.Module, generator: torch.Genera
 # ##################################################################################################
 
 
-# ==== Environments: gymnasium's vector envs, or CartPole in torch ===============================
-
+# ==== Environments: gymnasium's vector envs, or CartPole in torch ================================
 class RunStopped(Exception):
     """A run that cannot go on through no fault of PPO's code: main prints one line and exits 1."""
 
@@ -595,7 +578,6 @@ class TorchCartPole:
 
 
 # ==== The command line: flags, resolve, validation ================================================
-
 def flag_name(field: str) -> str:
     """A Config field's flag: num_envs -> --num-envs."""
     return "--" + field.replace("_", "-")
@@ -776,7 +758,6 @@ def check_config(c: Config) -> None:
 
 
 # ==== Files: atomic writes and checkpoints ========================================================
-
 CLAIM_FILE = ".ppo_cartpole-run"  # in every run folder: the run that made it owns it
 
 
@@ -876,8 +857,7 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return net.to(device).eval(), checkpoint["config"]
 
 
-# ==== Tracking: returns, best.pt, the run log, the end of a run ===================================
-
+# ==== Tracking: returns, best.pt, the run log ====================================================
 class ReturnTracker:
     """Streams true episode returns: their EMA, the last-`window` mean, the success rate, and
     "solved": the first episode at which the last-`window` mean reaches the target (CartPole-v1:
@@ -1039,7 +1019,6 @@ def versions() -> dict:
 
 
 # ==== Greedy play: evaluation and the GIF =========================================================
-
 def greedy_actions(net: ActorCritic, obs) -> torch.Tensor:
     """obs [..., D], numpy or torch -> the most likely actions [...] on net's device: the policy as deployed."""
     with torch.inference_mode():
@@ -1096,7 +1075,6 @@ def render_gif(net: ActorCritic, env_id: str, path, seed: int, frame_skip: int =
 
 
 # ==== Plot ========================================================================================
-
 PLOT_MAX_POINTS = 20_000  # episodes drawn as dots; beyond this, every k-th (a torch run ends ~10^5)
 EV_FLOOR = -1.0  # explained variance below this is drawn at it: one bad critic update can read -18
 LEARNING_PHASE = 3  # the left returns panel shows the run up to this many times the solve step
@@ -1226,8 +1204,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     return fig
 
 
-# ==== The run: train ============================================================================
-
+# ==== The run: train, the end of a run ===========================================================
 EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2}  # a signal's: 128 + its number (Ending)
 
 @dataclass
@@ -1378,7 +1355,6 @@ def train(config: Config) -> dict:
 
 
 # ==== Main ========================================================================================
-
 def run_eval(config: Config) -> None:
     """--eval CHECKPOINT: greedy returns, mean and std, and the agent's GIF; no training."""
     net, checkpoint_config = load_agent(config.eval, config.device)

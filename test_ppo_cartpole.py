@@ -1273,6 +1273,22 @@ def test_each_piece_runs_pasted_into_a_fresh_file_with_what_its_docstring_names(
     assert same(call(piece), call(ppo))
 
 
+def test_the_algorithm_above_the_banner_names_nothing_defined_below_it():
+    """A reader who stops at the banner has read all of PPO: no code above it (docstrings may point
+    down) uses a name that only the machinery below defines."""
+    source = Path(ppo.__file__).read_text()
+    if "mutmut" in source:
+        pytest.skip("mutmut's copy of the script")
+    cut = source.rindex("\n# ####", 0, source.index("PPO ends above"))  # the banner's first line
+    above, below = ast.parse(source[:cut]), ast.parse(source[cut:])
+    defined = lambda tree: {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))} | {
+        t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    used = {node.id for node in ast.walk(above) if isinstance(node, ast.Name)}
+    assert {"RunLog", "make_envs", "train", "TorchCartPole"} <= defined(below) - defined(above)
+    assert used & (defined(below) - defined(above)) == set()
+    assert {"Collector", "ppo_update", "ppo_iterations"} <= defined(above)
+
+
 def test_every_piece_of_the_algorithm_says_how_to_copy_it():
     source = Path(ppo.__file__).read_text().split("PPO ends above")[0]
     if "mutmut" in source:
