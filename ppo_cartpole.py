@@ -217,7 +217,7 @@ class Collector:
         done = (terminated | truncated).float()
         r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = self.next_obs, actions, logprobs, values
         r.rewards[t], r.dones[t] = rewards, done
-        r.valid[t] = 1.0 - self.prev_done  # an autoreset step: action ignored, reward 0
+        r.valid[t] = 1.0 - self.prev_done  # 0 on an autoreset step: action ignored, reward 0
         # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
         self.truncated_only[t] = (truncated & ~terminated).float()
 
