@@ -296,6 +296,9 @@ def test_collector_reads_an_autoreset_mode_given_as_a_string_too():
         ppo.Collector(envs, 8, 0, torch.device("cpu"))
     envs.metadata = {"autoreset_mode": "NextStep"}
     ppo.Collector(envs, 8, 0, torch.device("cpu"))
+    bare = types.SimpleNamespace(num_envs=2, single_observation_space=envs.single_observation_space,
+                                 reset=envs.reset, step=envs.step)  # a hand-written env without metadata
+    assert ppo.Collector(bare, 8, 0, torch.device("cpu")).collect(small_net(), 0.99, seeded(0)).obs.shape == (8, 2, 4)
 
 
 def test_collector_refuses_gymnasium_below_1_which_resets_on_the_same_step(monkeypatch):
@@ -949,6 +952,7 @@ def test_update_runs_k_epochs_of_equal_minibatches_that_cover_every_step():
     net.register_forward_hook(lambda module, args, out: batch_sizes.append(len(args[0])))
     _, stats = update(rollout, net=net, minibatch_size=16)
     assert stats["epochs"] == 4 and stats["minibatches"] == 4 * 128 // 16
+    assert type(stats["epochs"]) is int and type(stats["minibatches"]) is int  # counts: metrics.csv writes 4, not 4.0
     assert batch_sizes == [16] * (4 * 128 // 16)  # every one of the T x N = 128 steps, each epoch
 
 
