@@ -1373,6 +1373,15 @@ def test_the_loop_passes_each_setting_to_its_own_argument(tmp_path, monkeypatch)
     assert seen == flags | {"normalize_advantages": True}
 
 
+def test_the_summary_splits_the_run_time_into_collecting_and_updating(tmp_path):
+    out = tmp_path / "run"
+    ppo.main(QUICK + ["--episodes", "3", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    collect, update = summary["collect_seconds"], summary["update_seconds"]
+    assert 0 < collect and 0 < update and collect + update < summary["seconds"] < 60
+    assert summary["collect_steps_per_second"] == pytest.approx(summary["env_steps"] / collect)
+
+
 def test_train_resolves_a_config_as_parse_args_does(tmp_path):
     out = str(tmp_path / "run")
     direct = ppo.train(ppo.Config(num_iterations=1, num_envs=4, buffer_size=256, confirm_episodes=0, eval_episodes=1,
