@@ -1373,6 +1373,25 @@ def test_the_loop_passes_each_setting_to_its_own_argument(tmp_path, monkeypatch)
     assert seen == flags | {"normalize_advantages": True}
 
 
+def test_the_loop_runs_gae_on_each_rollouts_own_rewards_values_and_dones(monkeypatch):
+    real_gae, calls = ppo.compute_gae, []
+
+    def recording_gae(*args):
+        calls.append(args)
+        return real_gae(*args)
+
+    monkeypatch.setattr(ppo, "compute_gae", recording_gae)
+    config = ppo.resolve(ppo.Config(num_envs=4, buffer_size=64, minibatch_size=32, num_iterations=2, gamma=0.97,
+                                    gae_lambda=0.9, device="cpu"))
+    envs = ppo.make_envs("CartPole-v1", 4, torch.device("cpu"))
+    rollouts = [rollout for rollout, _ in ppo.ppo_iterations(config, envs, small_net(), seeded(0))]
+    assert len(calls) == 2
+    for args, rollout in zip(calls, rollouts):
+        assert [a is b for a, b in zip(args, (rollout.rewards, rollout.values, rollout.dones, rollout.last_value))] \
+            == [True] * 4 and args[4:] == (0.97, 0.9)
+    envs.close()
+
+
 def test_the_summary_splits_the_run_time_into_collecting_and_updating(tmp_path):
     out = tmp_path / "run"
     ppo.main(QUICK + ["--episodes", "3", "--confirm-episodes", "0", "--no-plot", "--no-gif", "--out-dir", str(out)])
