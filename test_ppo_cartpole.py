@@ -2610,3 +2610,75 @@ def test_the_defaults_reach_a_second_envs_threshold_and_best_pt_plays_it(tmp_pat
     net, _ = ppo.load_agent(out / "best.pt")
     assert (net.obs_dim, net.act_dim) == (6, 3)
     assert ppo.evaluate(net, "Acrobot-v1", 20, seed=12345).mean() >= -100
+
+
+# --- the notebook and the READMEs' first screens ---
+
+READMES = ["README.md", "README.zh-CN.md"]
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def code_lines(source: str) -> list[str]:
+    """A cell's code without its comments and blank lines: the comments differ by language."""
+    lines = (re.sub(r"\s+#\s.*$", "", line).rstrip() for line in source.splitlines())
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def readme_notebook_cells(text: str) -> list[str]:
+    """The ```python blocks of a README's notebook section (its heading names Colab)."""
+    section = next(section for section in text.split("\n## ")[1:] if "Colab" in section.splitlines()[0])
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def markdown_tables(text: str) -> list[tuple[int, list[list[str]]]]:
+    """Each table outside code blocks: (the line number of its last row, its body rows as cells)."""
+    text = re.sub(r"```.*?```", lambda block: "\n" * block.group().count("\n"), text, flags=re.DOTALL)
+    tables, rows = [], []
+    for number, line in enumerate(text.splitlines() + [""], start=1):
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            tables.append((number - 1, rows[2:]))  # the header and its rule left out
+            rows = []
+    return tables
+
+
+def test_the_notebook_file_holds_the_readmes_cells_without_outputs():
+    """ppo_cartpole.ipynb (json, as nbformat is no run-time need): the READMEs' three cells, code line
+    for code line, each after a note in Chinese, then English; the first checks the two files it
+    needs are beside it before it installs; nothing executed is stored."""
+    root = Path(__file__).parent
+    notebook = json.loads((root / "ppo_cartpole.ipynb").read_text(encoding="utf-8"))
+    assert notebook["nbformat"] == 4
+    cells = notebook["cells"]
+    assert [cell["cell_type"] for cell in cells] == ["markdown", "code"] * 3
+    code = [code_lines("".join(cell["source"])) for cell in cells if cell["cell_type"] == "code"]
+    for name in READMES:
+        assert [code_lines(cell) for cell in readme_notebook_cells((root / name).read_text())] == code, name
+    assert code[0][-1].startswith("%pip install") and "ppo_cartpole.py" in code[0][1] and "requirements.txt" in code[0][1]
+    assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in cells if cell["cell_type"] == "code")
+    for cell in cells[::2]:
+        prose = re.sub(r"```.*?```|^---$", "", "".join(cell["source"]), flags=re.DOTALL | re.MULTILINE)
+        chinese = [bool(CJK.search(paragraph)) for paragraph in prose.split("\n\n") if paragraph.strip()]
+        assert chinese[0] and not chinese[-1] and chinese == sorted(chinese, reverse=True), cell["id"]
+
+
+def test_both_readmes_open_with_the_same_five_concepts_each_linked_to_the_code_map():
+    """The first table of each README, within its first 50 lines, maps five of the post's concepts
+    to the code: the same names in the same rows in both languages, each row linking to the section
+    whose table (the full code map) holds those names."""
+    root = Path(__file__).parent
+    code_columns = []
+    for name in READMES:
+        text = (root / name).read_text()
+        last_line, excerpt = markdown_tables(text)[0]
+        assert last_line <= 50 and len(excerpt) == 5, name
+        names = [re.findall(r"`([^`]+)`", row[1]) for row in excerpt]
+        assert all(names), name
+        sections = {github_anchor(section.splitlines()[0]): section for section in text.split("\n## ")[1:]}
+        for row, row_names in zip(excerpt, names):
+            (anchor,) = re.findall(r"\]\(#([^)]+)\)", " ".join(row))
+            code_map = markdown_tables(sections[anchor])[0][1]
+            assert set(row_names) <= {code for row in code_map for code in re.findall(r"`([^`]+)`", row[1])}, row
+        code_columns.append(names)
+    assert code_columns[0] == code_columns[1]
