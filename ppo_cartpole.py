@@ -1208,7 +1208,8 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
 # ==== The run: train, the end of a run ===========================================================
 EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2}  # a signal's: 128 + its number (Ending)
 
-SIZE_FLAGS = ("num_envs", "buffer_size", "minibatch_size", "confirm_episodes", "eval_episodes")  # what memory grows with
+# What a run's memory grows with: the rollout, the minibatch, the greedy episodes run at once.
+SIZE_FLAGS = ("num_envs", "buffer_size", "minibatch_size", "confirm_episodes", "eval_episodes")
 
 
 class OutOfMemory(RunStopped):
@@ -1226,7 +1227,8 @@ def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
     if amount:  # torch's CPU allocator counts bytes; CUDA's and numpy's say "2.00 GiB"
         number, unit = amount.groups()
         if unit == "bytes":
-            number, unit = (f"{int(number) / 2**30:.2f}", "GiB") if int(number) >= 2**30 else (f"{int(number) / 2**20:.1f}", "MiB")
+            number, unit = int(number) / 2**20, "MiB"
+            number, unit = (f"{number / 1024:.2f}", "GiB") if number >= 1024 else (f"{number:.1f}", "MiB")
         asked = f" (asked for {number} {unit})"
     sizes = ", ".join(f"{flag_name(name)} {getattr(config, name)}" for name in SIZE_FLAGS)
     return OutOfMemory(f"memory ran out{asked}; lower what sizes the run: {sizes}")
@@ -1243,7 +1245,7 @@ class Ending:
 
     signal: str | None = None  # the signal that stopped the loop: SIGINT (Ctrl-C) or one of ENDING_SIGNALS
     divergence: str | None = None  # "iteration 12: the loss went NaN or infinite"
-    error: Exception | None = None  # what ended the loop: the env's, a full disk's, or a bug's
+    error: Exception | None = None  # what ended the loop: the env's, a full disk's, memory's, or a bug's
     cleanup_failures: list[Exception] = dataclasses.field(default_factory=list)  # finish_run's steps that failed
 
     @property
@@ -1377,8 +1379,8 @@ def train(config: Config) -> dict:
         print(f"\n{ending.signal}: writing final.pt, metrics, plot and summary", file=sys.stderr)
     except Exception as exc:  # the env's, a full disk's, memory's, or a bug's: the files first, then the error
         ending.error = out_of_memory(exc, config) or exc
-        print(f"\n{type(ending.error).__name__} at iteration {len(log.rows['metrics'])}: writing final.pt, metrics, plot and summary",
-              file=sys.stderr)
+        print(f"\n{type(ending.error).__name__} at iteration {len(log.rows['metrics'])}: "
+              "writing final.pt, metrics, plot and summary", file=sys.stderr)
     finally:
         bar.close()
         with contextlib.suppress(Exception):  # a broken env may fail to close too: its first error stands
@@ -1484,13 +1486,15 @@ class BestEffort:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done; 1 stopped early (diverged, the env returned NaN, a file could not be
     written, memory ran out, a clean-up step failed, or the env raised: then its traceback); 2 a user
-    error (bad flag, bad checkpoint, a run folder taken); 128 + the signal's number for SIGINT and
-    ENDING_SIGNALS (on Linux: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 138 SIGUSR1, 140 SIGUSR2).
-    Not caught: SIGKILL (nothing can; the kernel's OOM killer sends it), signals whose default is a
-    core dump (SIGQUIT, Ctrl-\\, asks for one; SIGXCPU, a CPU-time limit, repeats every second) and
-    SIGPIPE (Python ignores it; BestEffort drops the message). A second signal during the clean-up
-    stops it; the checkpoints, summary.json, plot and GIF are written atomically and the CSVs a whole
-    row at a time, so none is left half-written. Every message is best-effort: the files come first."""
+    error (bad flag, bad checkpoint, a run folder taken); else 128 + the number of the signal that
+    ended the run as Ctrl-C does, on Linux: 130 SIGINT, Ctrl-C; 143 SIGTERM, kill, timeout, docker stop,
+    a scheduler ending a job; 129 SIGHUP, the terminal closed; 138 SIGUSR1 and 140 SIGUSR2, a
+    scheduler's warning before its time limit (ENDING_SIGNALS: who sends which). Not caught: SIGKILL
+    (nothing can; the kernel's OOM killer sends it), the signals whose default is a core dump (SIGQUIT,
+    Ctrl-\\, asks for one; SIGXCPU, a CPU-time limit, repeats every second) and SIGPIPE (Python
+    ignores it). A second signal during the clean-up stops it; the checkpoints, summary.json, plot
+    and GIF are written atomically and the CSVs a whole row at a time, so none is left half-written.
+    Messages are best-effort (BestEffort): the files come first."""
     replaced, streams = catch_ending_signals(), (sys.stdout, sys.stderr)
     sys.stdout, sys.stderr = BestEffort(sys.stdout), BestEffort(sys.stderr)
     config = None

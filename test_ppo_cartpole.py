@@ -2586,6 +2586,20 @@ def test_ending_signals_are_caught_unless_inherited_as_ignored():
             signal.signal(signal.Signals[name], handler)
 
 
+
+def test_best_effort_output_drops_what_a_gone_terminal_cannot_take_and_goes_quiet():
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: a write fails with EPIPE, as one to a closed terminal fails with EIO
+    with os.fdopen(write, "w") as stream:
+        out = ppo.BestEffort(stream)
+        assert out.write("a message\n") == len("a message\n")  # no error
+        assert os.readlink(f"/proc/self/fd/{write}") == os.devnull  # so Python's flush at exit cannot fail
+        out.write("the next\n"), out.flush()
+        assert out.fileno() == write  # anything else is the stream's own
+    working = io.StringIO()
+    ppo.BestEffort(working).write("kept\n")
+    assert working.getvalue() == "kept\n"
+
 @pytest.mark.shell
 def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
     proc = start_run(tmp_path / "run")
