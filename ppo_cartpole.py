@@ -1268,11 +1268,12 @@ class Ending:
 def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, ending: Ending) -> dict:
     """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
     evaluation, summary.json, the plot and the GIF; returns the summary. A run cut short (a signal, an
-    error) skips the candidate check and the evaluation, and after an error the GIF too; after a
-    divergence the non-finite weights are neither final.pt nor a candidate. A step that fails for any
-    reason (a full disk, memory running out, a bug) is skipped with one line, into
-    ending.cleanup_failures, and the run goes on to its other files; summary.json, rewritten if a
-    later step failed, and the exit status say what failed."""
+    error) plays no greedy episode: no candidate check, no evaluation, no GIF, so that it ends within
+    a signal's grace period (docker's 10 s); `--eval best.pt` makes the GIF later. After a divergence
+    the non-finite weights are neither final.pt nor a candidate. A step that fails for any reason (a
+    full disk, memory running out, a bug) is skipped with one line, into ending.cleanup_failures, and
+    the run goes on to its other files; summary.json, rewritten if a later step failed, and the exit
+    status say what failed."""
     out_dir, tracker = log.out_dir, log.tracker
 
     def error_line() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
@@ -1321,7 +1322,7 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
     if config.plot:
         attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return,
                                                       out_dir / "training.png", tracker.solved_at_step, config.target_kl))
-    if config.gif and best_net is not None and ending.error is None:
+    if config.gif and best_net is not None and not ending.cut_short:
         attempt("agent.gif", lambda: render_gif(best_net, config.env_id, out_dir / "agent.gif",
                                                 seed=config.seed + EVAL_SEED_OFFSET))
     if len(ending.cleanup_failures) > failures and (out_dir / "summary.json").exists():
