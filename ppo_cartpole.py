@@ -1440,10 +1440,10 @@ def raise_interrupted(signum, frame):
 # Besides SIGINT (Ctrl-C: Python's KeyboardInterrupt), the signals that end a process by default and
 # that a terminal, a shell or a scheduler sends in normal use; each ends a run as Ctrl-C does.
 ENDING_SIGNALS = {
-    "SIGTERM": "kill's default; timeout, docker stop, Kubernetes, systemd; SLURM, PBS, LSF ending a job",
-    "SIGHUP": "the terminal closed (a window, an ssh session); a shell that exits, to its jobs",
-    "SIGUSR1": "a scheduler's warning before the time limit: SLURM's --signal=USR1@secs, Grid Engine's -notify",
-    "SIGUSR2": "the same warning from LSF (its usual choice) and Grid Engine's -notify (before the kill)",
+    "SIGTERM": "kill's default; timeout, docker stop, Kubernetes, systemd; SLURM, PBS and LSF ending a job",
+    "SIGHUP": "the terminal closed (a window, an ssh session), passed on by the shell to its jobs",
+    "SIGUSR1": "a scheduler's warning before its time limit: SLURM's --signal=USR1@secs, Grid Engine's -notify",
+    "SIGUSR2": "the same warning from LSF (bsub -wa USR2) and Grid Engine's -notify (before the kill)",
 }
 
 
