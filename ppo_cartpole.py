@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -1207,13 +1208,44 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
 # ==== The run: train, the end of a run ===========================================================
 EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2}  # a signal's: 128 + its number (Ending)
 
+# What a run's memory grows with: the rollout, the minibatch, the greedy episodes run at once.
+SIZE_FLAGS = ("num_envs", "buffer_size", "minibatch_size", "confirm_episodes", "eval_episodes")
+
+
+class OutOfMemory(RunStopped):
+    """Memory ran out: torch's allocator (CPU or CUDA), numpy's or Python's MemoryError."""
+
+
+def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
+    """exc as one line, if it is memory running out: how much was asked, where its message says, and
+    the flags that size the run, with their values. None for any other error."""
+    text = str(exc)
+    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            or isinstance(exc, RuntimeError) and "can't allocate memory" in text):
+        return None
+    asked, amount = "", re.search(r"allocate ([\d.]+) ?(bytes|[KMGT]i?B)", text, re.IGNORECASE)
+    if amount:  # torch's CPU allocator counts bytes; CUDA's and numpy's say "2.00 GiB"
+        number, unit = amount.groups()
+        if unit == "bytes":
+            number, unit = int(number) / 2**20, "MiB"
+            number, unit = (f"{number / 1024:.2f}", "GiB") if number >= 1024 else (f"{number:.1f}", "MiB")
+        asked = f" (asked for {number} {unit})"
+    sizes = ", ".join(f"{flag_name(name)} {getattr(config, name)}" for name in SIZE_FLAGS)
+    return OutOfMemory(f"memory ran out{asked}; lower what sizes the run: {sizes}")
+
+
+def describe(exc: Exception) -> str:
+    """A run's own stop in its words (RunStopped); anything else with its type."""
+    return str(exc) if isinstance(exc, RunStopped) else f"{type(exc).__name__}: {exc}"
+
+
 @dataclass
 class Ending:
     """Why a run ended: the one record that finish_run, summary.json and main's exit status read."""
 
-    signal: str | None = None  # the signal that stopped the loop: SIGINT (Ctrl-C), SIGTERM
+    signal: str | None = None  # the signal that stopped the loop: SIGINT (Ctrl-C) or one of ENDING_SIGNALS
     divergence: str | None = None  # "iteration 12: the loss went NaN or infinite"
-    error: Exception | None = None  # what ended the loop: the env's, a full disk's, or a bug's
+    error: Exception | None = None  # what ended the loop: the env's, a full disk's, memory's, or a bug's
     cleanup_failures: list[Exception] = dataclasses.field(default_factory=list)  # finish_run's steps that failed
 
     @property
@@ -1236,25 +1268,30 @@ class Ending:
 def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, ending: Ending) -> dict:
     """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
     evaluation, summary.json, the plot and the GIF; returns the summary. A run cut short (a signal, an
-    error) skips the candidate check and the evaluation, and after an error the GIF too; after a
-    divergence the non-finite weights are neither final.pt nor a candidate. A step that cannot write
-    its file (a full disk), or any step after an error, is skipped with one line, into
-    ending.cleanup_failures: never a second traceback over the first."""
+    error) plays no greedy episode: no candidate check, no evaluation, no GIF, so that it ends within
+    a signal's grace period (docker's 10 s); `--eval best.pt` makes the GIF later. After a divergence
+    the non-finite weights are neither final.pt nor a candidate. A step that fails for any reason (a
+    full disk, memory running out, a bug) is skipped with one line, into ending.cleanup_failures, and
+    the run goes on to its other files; summary.json, rewritten if a later step failed, and the exit
+    status say what failed."""
     out_dir, tracker = log.out_dir, log.tracker
 
-    def first_failure() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
-        first = ending.first_failure  # the run's own stop in its words; anything else with its type
-        return None if first is None else f"iteration {len(log.rows['metrics'])}: " + (
-            str(first) if isinstance(first, RunStopped) else f"{type(first).__name__}: {first}")
+    def error_line() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
+        first = ending.first_failure
+        return None if first is None else f"iteration {len(log.rows['metrics'])}: {describe(first)}"
 
-    def attempt(what: str, step):
+    def attempt(what: str, step):  # a step that fails, for any reason, is skipped with one line
         try:
             return step()
         except Exception as exc:
-            if not (ending.first_failure or isinstance(exc, WriteError)):
-                raise  # a bug in a run that went well: its traceback
-            print(f"skipped {what}: {exc}", file=sys.stderr)
+            exc = out_of_memory(exc, config) or exc
+            print(f"skipped {what}: {describe(exc)}", file=sys.stderr)
             ending.cleanup_failures.append(exc)
+
+    def write_summary():  # with the error and exit status as they stand
+        summary.update(error=error_line(), exit_status=ending.exit_status)
+        attempt("summary.json", lambda: atomic_write(out_dir / "summary.json",
+                                                     lambda f: f.write(json.dumps(summary, indent=2).encode())))
 
     if ending.divergence is None:
         attempt("final.pt", lambda: save_checkpoint(out_dir / "final.pt", net, best.config))
@@ -1278,18 +1315,19 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
         update_seconds=log.seconds["update"],
         collect_steps_per_second=log.env_steps / collect_seconds if collect_seconds else None,
         confirm_seconds=best.seconds, signal=ending.signal, divergence=ending.divergence,
-        error=first_failure(), exit_status=ending.exit_status, out_dir=str(out_dir),
-        device=config.device, torch_threads=torch.get_num_threads(), versions=versions(), config=best.config)
-    attempt("summary.json", lambda: atomic_write(out_dir / "summary.json",
-                                                 lambda f: f.write(json.dumps(summary, indent=2).encode())))
+        out_dir=str(out_dir), device=config.device, torch_threads=torch.get_num_threads(), versions=versions(),
+        config=best.config)
+    write_summary()
+    failures = len(ending.cleanup_failures)
     if config.plot:
         attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return,
                                                       out_dir / "training.png", tracker.solved_at_step, config.target_kl))
-    if config.gif and best_net is not None and ending.error is None:
+    if config.gif and best_net is not None and not ending.cut_short:
         attempt("agent.gif", lambda: render_gif(best_net, config.env_id, out_dir / "agent.gif",
                                                 seed=config.seed + EVAL_SEED_OFFSET))
-    # a clean-up step's failure too, which summary.json could not hold
-    summary.update(error=first_failure(), exit_status=ending.exit_status)
+    if len(ending.cleanup_failures) > failures and (out_dir / "summary.json").exists():
+        write_summary()  # the plot or the GIF failed: summary.json says so too
+    summary.update(error=error_line(), exit_status=ending.exit_status)
     solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
               if tracker.solved_at_step is not None else "diverged" if ending.divergence else "not solved")
     played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
@@ -1340,10 +1378,10 @@ def train(config: Config) -> dict:
     except KeyboardInterrupt as exc:
         ending.signal = getattr(exc, "signal_name", "SIGINT")
         print(f"\n{ending.signal}: writing final.pt, metrics, plot and summary", file=sys.stderr)
-    except Exception as exc:  # the env's, a full disk's, or a bug's: the files first, then the error as it is
-        ending.error = exc
-        print(f"\n{type(exc).__name__} at iteration {len(log.rows['metrics'])}: writing final.pt, metrics, plot and summary",
-              file=sys.stderr)
+    except Exception as exc:  # the env's, a full disk's, memory's, or a bug's: the files first, then the error
+        ending.error = out_of_memory(exc, config) or exc
+        print(f"\n{type(ending.error).__name__} at iteration {len(log.rows['metrics'])}: "
+              "writing final.pt, metrics, plot and summary", file=sys.stderr)
     finally:
         bar.close()
         with contextlib.suppress(Exception):  # a broken env may fail to close too: its first error stands
@@ -1396,17 +1434,71 @@ class Interrupted(KeyboardInterrupt):
 
 
 def raise_interrupted(signum, frame):
-    """SIGTERM (timeout, docker stop, SLURM preemption) ends a run as Ctrl-C does."""
     raise Interrupted(signal.Signals(signum).name)
+
+
+# Besides SIGINT (Ctrl-C: Python's KeyboardInterrupt), the signals that end a process by default and
+# that a terminal, a shell or a scheduler sends in normal use; each ends a run as Ctrl-C does.
+ENDING_SIGNALS = {
+    "SIGTERM": "kill's default; timeout, docker stop, Kubernetes, systemd; SLURM, PBS and LSF ending a job",
+    "SIGHUP": "the terminal closed (a window, an ssh session), passed on by the shell to its jobs",
+    "SIGUSR1": "a scheduler's warning before its time limit: SLURM's --signal=USR1@secs, Grid Engine's -notify",
+    "SIGUSR2": "the same warning from LSF (bsub -wa USR2) and Grid Engine's -notify (before the kill)",
+}
+
+
+def catch_ending_signals() -> dict:
+    """raise_interrupted for each of ENDING_SIGNALS this platform has, except one inherited as ignored
+    (nohup ignores SIGHUP: it stays ignored). Returns the handlers it replaced, by signal number."""
+    replaced = {}
+    for name in ENDING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            replaced[number] = signal.signal(number, raise_interrupted)
+    return replaced
+
+
+class BestEffort:
+    """sys.stdout or sys.stderr, best-effort: a terminal that closed (EIO) or a pipe that nobody reads
+    (EPIPE) must not stop a run or its clean-up. The first write that fails points the stream's file
+    at os.devnull, so that neither later messages nor Python's flush at exit fail on it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self._try(lambda: (self.stream.write(text), self.stream.flush()))
+        return len(text)
+
+    def flush(self) -> None:
+        self._try(self.stream.flush)
+
+    def _try(self, act) -> None:
+        try:
+            act()
+        except OSError:
+            with contextlib.suppress(Exception):  # (a stream with no file, as under pytest: nothing to do)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done; 1 stopped early (diverged, the env returned NaN, a file could not be
-    written, or the env raised: then its traceback); 2 a user error (bad flag, bad checkpoint, a run
-    folder taken); 130 Ctrl-C; 143 SIGTERM. A second signal during the clean-up stops it; the
-    checkpoints, summary.json, plot and GIF are written atomically and the CSVs a whole row at a
-    time, so none is left half-written."""
-    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    written, memory ran out, a clean-up step failed, or the env raised: then its traceback); 2 a user
+    error (bad flag, bad checkpoint, a run folder taken); else 128 + the number of the signal that
+    ended the run as Ctrl-C does, on Linux: 130 SIGINT, Ctrl-C; 143 SIGTERM, kill, timeout, docker stop,
+    a scheduler ending a job; 129 SIGHUP, the terminal closed; 138 SIGUSR1 and 140 SIGUSR2, a
+    scheduler's warning before its time limit (ENDING_SIGNALS: who sends which). Not caught: SIGKILL
+    (nothing can; the kernel's OOM killer sends it), the signals whose default is a core dump (SIGQUIT,
+    Ctrl-\\, asks for one; SIGXCPU, a CPU-time limit, repeats every second) and SIGPIPE (Python
+    ignores it). A second signal during the clean-up stops it; the checkpoints, summary.json, plot
+    and GIF are written atomically and the CSVs a whole row at a time, so none is left half-written.
+    Messages are best-effort (BestEffort): the files come first."""
+    replaced, streams = catch_ending_signals(), (sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = BestEffort(sys.stdout), BestEffort(sys.stderr)
+    config = None
     try:
         config = parse_args(argv)
         if config.eval is not None:
@@ -1425,8 +1517,15 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(exc, "signal_name", "SIGINT")
         print(f"\n{name}: stopped; the files written so far are whole", file=sys.stderr)
         return Ending(signal=name).exit_status
+    except Exception as exc:  # memory ran out before the loop (the envs, say): one line, not a traceback
+        if config is None or (memory := out_of_memory(exc, config)) is None:
+            raise
+        print(f"error: before training: {memory}", file=sys.stderr)
+        return EXIT_STATUS["stopped early"]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.stdout, sys.stderr = streams
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -2435,6 +2435,76 @@ def test_an_env_that_raises_keeps_the_files_then_shows_its_own_error(tmp_path, c
         assert (out / name).exists(), name
 
 
+CPU_OOM = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
+           "Error code 12 (Cannot allocate memory)")  # torch 2.13's words on the CPU
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB"
+SIZES = "lower what sizes the run: --num-envs 4, --buffer-size 256, --minibatch-size 32, --confirm-episodes 50, " \
+        "--eval-episodes 2"
+
+
+@pytest.mark.parametrize("exc, asked", [(RuntimeError(CPU_OOM), " (asked for 8.00 GiB)"),
+                                        (torch.OutOfMemoryError(CUDA_OOM), " (asked for 2.00 GiB)"),
+                                        (MemoryError("Unable to allocate 7.45 MiB for an array"), " (asked for 7.45 MiB)"),
+                                        (MemoryError(), "")])
+def test_memory_running_out_is_told_in_one_line_with_the_size_flags(exc, asked):
+    config = ppo.resolve(ppo.parse_args(QUICK))
+    assert str(ppo.out_of_memory(exc, config)) == f"memory ran out{asked}; {SIZES}"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("allocate 3 bytes"),
+                                 OSError(errno.ENOMEM, "Cannot allocate memory")])
+def test_other_errors_are_not_taken_for_memory_running_out(exc):
+    assert ppo.out_of_memory(exc, ppo.resolve(ppo.parse_args(QUICK))) is None
+
+
+def fail_on_call(monkeypatch, owner, name, call, exc):
+    """owner.name raises exc on its `call`-th call, as an allocation that fails there would."""
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+@pytest.mark.parametrize("where, owner, name, exc, asked", [
+    ("update", ppo, "ppo_update", RuntimeError(CPU_OOM), " (asked for 8.00 GiB)"),
+    ("rollout", ppo, "sample_actions", torch.OutOfMemoryError(CUDA_OOM), " (asked for 2.00 GiB)")])
+def test_memory_running_out_in_the_loop_ends_in_one_line_with_the_files_whole(
+        tmp_path, monkeypatch, capsys, where, owner, name, exc, asked):
+    fail_on_call(monkeypatch, owner, name, 4 if where == "update" else 3 * 64 + 5, exc)  # (64 steps a rollout)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "20", "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: iteration 3: memory ran out{asked}; {SIZES}"
+    assert "Traceback" not in err and "skipped" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error"] == f"iteration 3: memory ran out{asked}; {SIZES}" and summary["exit_status"] == 1
+    assert len(read_csv(out / "metrics.csv")) == 3
+    ppo.load_agent(out / "best.pt"), ppo.load_agent(out / "final.pt")
+    Image.open(out / "training.png").verify()
+
+
+@pytest.mark.parametrize("exc, line", [
+    (MemoryError("Unable to allocate 7.45 MiB for an array"), f"memory ran out (asked for 7.45 MiB); {SIZES}"),
+    (ValueError("a bug in the plot"), "ValueError: a bug in the plot")])
+def test_a_clean_up_step_that_fails_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, capsys, exc, line):
+    """The plot fails after summary.json is written: the GIF is still made, summary.json is rewritten."""
+    fail_on_call(monkeypatch, ppo, "plot_training", 1, exc)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--episodes", "3", "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped training.png: {line}" in err.splitlines()
+    assert err.strip().splitlines()[-1] == f"error: iteration 3: {line}" and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error"] == f"iteration 3: {line}" and summary["exit_status"] == 1
+    assert not (out / "training.png").exists()
+    Image.open(out / "agent.gif").verify()
+
+
 @pytest.mark.shell
 def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
     proc = subprocess.run([sys.executable, str(Path(ppo.__file__)), *QUICK, "--lr", "1e6", "--episodes", "30",
@@ -2443,32 +2513,96 @@ def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["divergence"].startswith("iteration")
 
 
-def start_run(tmp_path, *extra):
-    """A child process training until told to stop, and its stderr lines as they come."""
+def start_run(out, *extra, **popen):
+    """A child process training in `out` until told to stop, once it has logged 3 iterations. Its
+    SIGINT is Python's KeyboardInterrupt, as from a terminal (a shell's background job ignores it)."""
+    popen = dict(stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) | popen
     proc = subprocess.Popen([sys.executable, str(Path(ppo.__file__)), *QUICK, "--episodes", "100000",
-                             "--out-dir", str(tmp_path / "run"), *extra],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    while not (tmp_path / "run" / "metrics.csv").exists() or len(read_csv(tmp_path / "run" / "metrics.csv")) < 3:
-        time.sleep(0.05)
-        assert proc.poll() is None
+                             "--out-dir", str(out), *extra], **popen)
+    wait_for_rows(out, proc, rows=3)
     return proc
 
 
+def wait_for_rows(out, proc, rows):
+    while not (out / "metrics.csv").exists() or len(read_csv(out / "metrics.csv")) < rows:
+        time.sleep(0.05)
+        assert proc.poll() is None
+
+
 @pytest.mark.shell
-def test_sigterm_is_handled_like_ctrl_c_and_exits_143(tmp_path):
-    proc = start_run(tmp_path, "--no-gif")
+@pytest.mark.parametrize("name", ["SIGINT", *ppo.ENDING_SIGNALS])
+def test_each_ending_signal_is_handled_like_ctrl_c_and_exits_128_plus_its_number(tmp_path, name):
+    number, out, plot = signal.Signals[name], tmp_path / "run", name == "SIGTERM"  # the plot checked once
+    proc = start_run(out, "--no-gif", *([] if plot else ["--no-plot"]))
+    proc.send_signal(number)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + number and "Traceback" not in err
+    assert f"{name}: writing final.pt, metrics, plot and summary" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["signal"] == name and summary["exit_status"] == 128 + number
+    for file in ["best.pt", "final.pt", "metrics.csv", *(["training.png"] if plot else [])]:
+        assert (out / file).exists(), file
+
+
+@pytest.mark.shell
+def test_with_the_terminal_gone_a_signal_still_writes_the_files(tmp_path):
+    """A terminal that closed fails every write (EIO); a pipe nobody reads fails them too (EPIPE)."""
+    out = tmp_path / "run"
+    proc = start_run(out, "--no-gif", "--no-plot", stdout=subprocess.PIPE)
+    proc.stdout.close(), proc.stderr.close()
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 128 + signal.SIGHUP
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["signal"] == "SIGHUP" and summary["error"] is None
+    ppo.load_agent(out / "final.pt")
+
+
+@pytest.mark.shell
+def test_a_sighup_inherited_as_ignored_stays_ignored(tmp_path):
+    """nohup ignores SIGHUP for the command it starts: the run goes on after the terminal closes."""
+    out = tmp_path / "run"
+    proc = start_run(out, "--no-gif", "--no-plot", preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc.send_signal(signal.SIGHUP)
+    wait_for_rows(out, proc, rows=len(read_csv(out / "metrics.csv")) + 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "Traceback" not in err
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["signal"] == "SIGTERM"
-    for name in ("best.pt", "final.pt", "training.png", "metrics.csv"):
-        assert (tmp_path / "run" / name).exists(), name
+    assert proc.returncode == 143 and "SIGHUP" not in err
 
+
+def test_ending_signals_are_caught_unless_inherited_as_ignored():
+    previous = {name: signal.getsignal(signal.Signals[name]) for name in ppo.ENDING_SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        replaced = ppo.catch_ending_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in replaced
+        for name in ["SIGTERM", "SIGUSR1", "SIGUSR2"]:
+            assert signal.getsignal(signal.Signals[name]) is ppo.raise_interrupted, name
+            assert replaced[signal.Signals[name]] == previous[name]
+        with pytest.raises(ppo.Interrupted, match="SIGUSR2"):
+            signal.raise_signal(signal.SIGUSR2)
+    finally:
+        for name, handler in previous.items():
+            signal.signal(signal.Signals[name], handler)
+
+
+
+def test_best_effort_output_drops_what_a_gone_terminal_cannot_take_and_goes_quiet():
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: a write fails with EPIPE, as one to a closed terminal fails with EIO
+    with os.fdopen(write, "w") as stream:
+        out = ppo.BestEffort(stream)
+        assert out.write("a message\n") == len("a message\n")  # no error
+        assert os.readlink(f"/proc/self/fd/{write}") == os.devnull  # so Python's flush at exit cannot fail
+        out.write("the next\n"), out.flush()
+        assert out.fileno() == write  # anything else is the stream's own
+    working = io.StringIO()
+    ppo.BestEffort(working).write("kept\n")
+    assert working.getvalue() == "kept\n"
 
 @pytest.mark.shell
 def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
-    proc = start_run(tmp_path)
+    proc = start_run(tmp_path / "run")
     proc.send_signal(signal.SIGTERM)
     for line in proc.stderr:
         if "writing final.pt" in line:  # the clean-up has begun

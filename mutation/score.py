@@ -1,7 +1,8 @@
 """`make mutate`: plant single-line bugs in PPO with mutmut and count how many the fast tests catch.
 
 The scope is the algorithm part of ppo_cartpole.py (everything above its banner) plus
-make_envs, NumpyToTorch, TorchCartPole, ReturnTracker, BestPolicy, train and its Ending. A mutant that survives must be killed by a new test
+make_envs, NumpyToTorch, TorchCartPole, ReturnTracker, BestPolicy, train and its Ending, and how a run
+ends: out_of_memory, describe, catch_ending_signals, BestEffort. A mutant that survives must be killed by a new test
 or listed in mutation/explained.md with its one-line reason (equivalent, or CUDA-only).
 
     python mutation/score.py            # run mutmut on the scope, then print the score
@@ -31,8 +32,10 @@ MODULE = "ppo_cartpole"
 # Not `option`: it runs only while the module is imported, before mutmut switches a mutant on.
 FUNCTIONS = ["make_envs", "layer_init", "sample_actions", "logprobs_of", "entropy_of", "compute_gae", "masked_mean",
              "clipped_surrogate_loss", "value_loss", "approx_kl", "explained_variance", "lr_at", "set_lr",
-             "entropy_coef_at", "weighted_mean", "minibatch_loss", "ppo_update", "ppo_iterations", "train"]
-CLASSES = ["NumpyToTorch", "ActorCritic", "Collector", "ReturnTracker", "BestPolicy", "TorchCartPole", "Ending"]
+             "entropy_coef_at", "weighted_mean", "minibatch_loss", "ppo_update", "ppo_iterations", "train",
+             "out_of_memory", "describe", "catch_ending_signals"]
+CLASSES = ["NumpyToTorch", "ActorCritic", "Collector", "ReturnTracker", "BestPolicy", "TorchCartPole", "Ending",
+           "BestEffort"]
 PATTERNS = ([f"{MODULE}.x_{name}__mutmut_*" for name in FUNCTIONS]
             + [f"{MODULE}.x\u01c1{name}\u01c1*" for name in CLASSES])  # mutmut names a method xǁClassǁmethod
 
