@@ -1265,6 +1265,90 @@ class Ending:
         return EXIT_STATUS["stopped early"] if self.divergence or self.first_failure else EXIT_STATUS["done"]
 
 
+# Why a run did not learn: DIAGNOSES, each rule a figure of metrics.csv over the run's later half
+# against a threshold, calibrated on CartPole-v1 by bench/failures.py's gallery (docs/failures.md:
+# each failing mode gets its own rule's message; healthy runs cut short get none).
+DIAGNOSIS_WINDOW = 50  # a rule reads the later half of the run, at most its last this many iterations
+
+
+def later_half(rows: list[dict]) -> list[dict]:
+    """The rows a rule judges: the run's later half, at most its last DIAGNOSIS_WINDOW. Every run
+    starts with a random policy and critic, so its first iterations say nothing of a cause."""
+    return rows[len(rows) // 2:][-DIAGNOSIS_WINDOW:]
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    """The mean of a metrics.csv column over rows (numbers or their text), NaNs left out (an explained
+    variance of a constant target); NaN if nothing is left."""
+    values = [float(row[key]) for row in rows if not math.isnan(float(row[key]))]
+    return sum(values) / len(values) if values else math.nan
+
+
+def policy_collapsed(rows: list[dict]) -> str | None:
+    """The lr far too high: an update moves the policy so far that it plays one action, and with
+    nothing else sampled it has nothing left to learn from."""
+    late, peak = later_half(rows), max(rows, key=lambda row: float(row["approx_kl"]))
+    if float(peak["approx_kl"]) > 1 and mean_of(late, "entropy") < 0.1:
+        return (f"approx KL reached {float(peak['approx_kl']):.3g} at iteration {peak['iteration']} (healthy runs: "
+                f"below 0.1) and the entropy averaged {mean_of(late, 'entropy'):.1g} over the last {len(late)} "
+                f"iterations (healthy runs: 0.35 or more until they solve): an update moved the policy so far that it "
+                f"plays one action; try a lower --lr")
+
+
+def policy_frozen(rows: list[dict]) -> str | None:
+    """The lr far too low: every update leaves the policy where it was."""
+    late = later_half(rows)
+    if mean_of(late, "approx_kl") < 1e-6:
+        return (f"approx KL averaged {mean_of(late, 'approx_kl'):.0e} over the last {len(late)} iterations (healthy "
+                f"runs: 0.001 or more): each update barely moves the policy; try a higher --lr")
+
+
+def entropy_bonus_dominates(rows: list[dict]) -> str | None:
+    """An entropy bonus larger than the advantages: it holds the policy near uniform, so it never commits."""
+    late = later_half(rows)
+    entropy, start, kl = mean_of(late, "entropy"), float(rows[0]["entropy"]), mean_of(late, "approx_kl")
+    if mean_of(late, "entropy_coef") > 0 and entropy >= 0.95 * start and kl < 1e-3:
+        return (f"entropy averaged {entropy:.3f} over the last {len(late)} iterations, {entropy / start:.0%} of its "
+                f"start, and approx KL {kl:.0e} (healthy runs: 0.001 or more): the entropy bonus "
+                f"({mean_of(late, 'entropy_coef'):g}) outweighs the advantages, so the policy never commits; try a "
+                f"lower --entropy-coef and --entropy-floor")
+
+
+def horizon_too_short(rows: list[dict]) -> str | None:
+    """gamma far too low: the returns sum a few steps' rewards, alike in every state, so V has nothing to tell apart."""
+    late = later_half(rows)
+    if mean_of(late, "value_loss") < 0.05:
+        return (f"value loss averaged {mean_of(late, 'value_loss'):.1g} over the last {len(late)} iterations (healthy "
+                f"runs: 0.5 or more until they solve): the returns sum too few rewards to tell a good state from a "
+                f"bad one; try a --gamma closer to 1 (its horizon: 1 / (1 - gamma) steps)")
+
+
+def critic_not_learning(rows: list[dict]) -> str | None:
+    """No value loss (or one weighted to nothing): V predicts nothing, so the advantages are the returns' noise."""
+    late = later_half(rows)
+    if mean_of(late, "explained_variance") < 0:
+        return (f"explained variance averaged {mean_of(late, 'explained_variance'):.2f} over the last {len(late)} "
+                f"iterations (healthy runs: 0.1 or more from iteration 10): the critic predicts nothing, so the "
+                f"advantages are noise; check --value-coef (0 trains no critic)")
+
+
+# In order: the first rule that holds is the diagnosis. A collapsed policy explains every flat figure
+# after it, and a frozen one a critic that has learned nothing, so those come first.
+DIAGNOSES = [policy_collapsed, policy_frozen, entropy_bonus_dominates, horizon_too_short, critic_not_learning]
+
+
+def diagnose(rows: list[dict]) -> list[str]:
+    """Why a run did not learn, from its metrics.csv rows (numbers or their text): the message of the
+    first of DIAGNOSES that holds, or [] when none does or the run is shorter than 10 iterations (too
+    soon to tell a cause from a slow start). For a run that did not solve and ended as configured."""
+    if len(rows) < 10:
+        return []
+    for rule in DIAGNOSES:
+        if message := rule(rows):
+            return [message]
+    return []
+
+
 def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, ending: Ending) -> dict:
     """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
     evaluation, summary.json, the plot and the GIF; returns the summary. A run cut short (a signal, an
@@ -1273,7 +1357,8 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
     the non-finite weights are neither final.pt nor a candidate. A step that fails for any reason (a
     full disk, memory running out, a bug) is skipped with one line, into ending.cleanup_failures, and
     the run goes on to its other files; summary.json, rewritten if a later step failed, and the exit
-    status say what failed."""
+    status say what failed. A run that ended as configured without solving prints why it did not
+    learn (diagnose), also summary.json's `diagnosis`."""
     out_dir, tracker = log.out_dir, log.tracker
 
     def error_line() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
@@ -1288,8 +1373,14 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
             print(f"skipped {what}: {describe(exc)}", file=sys.stderr)
             ending.cleanup_failures.append(exc)
 
-    def write_summary():  # with the error and exit status as they stand
-        summary.update(error=error_line(), exit_status=ending.exit_status)
+    def settle():  # the error, the exit status and the diagnosis, as they stand
+        # Only for a run that ended as configured, unsolved: a signal, an error or a divergence says why itself.
+        unsolved = tracker.solved_at_step is None and ending.exit_status == EXIT_STATUS["done"]
+        summary.update(error=error_line(), exit_status=ending.exit_status,
+                       diagnosis=diagnose(log.rows["metrics"]) if unsolved else [])
+
+    def write_summary():
+        settle()
         attempt("summary.json", lambda: atomic_write(out_dir / "summary.json",
                                                      lambda f: f.write(json.dumps(summary, indent=2).encode())))
 
@@ -1327,12 +1418,14 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
                                                 seed=config.seed + EVAL_SEED_OFFSET))
     if len(ending.cleanup_failures) > failures and (out_dir / "summary.json").exists():
         write_summary()  # the plot or the GIF failed: summary.json says so too
-    summary.update(error=error_line(), exit_status=ending.exit_status)
+    settle()
     solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
               if tracker.solved_at_step is not None else "diverged" if ending.divergence else "not solved")
     played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
               f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
     print(f"{solved}; {played}; {log.env_steps} steps in {seconds:.1f} s -> {out_dir}")
+    for line in summary["diagnosis"]:
+        print(f"why: {line}")
     return summary
 
 

@@ -2295,6 +2295,135 @@ def test_dashboard_reads_csv_rows_as_written(tmp_path):
     assert "best.pt saved (2x)" in [line.get_label() for line in fig.axes[0].get_lines()]
 
 
+# ==== The run: why it did not learn ===============================================================
+
+def metrics_rows(n=60, **columns):
+    """n metrics.csv rows of a run learning as the defaults do (its figures over the later half:
+    docs/failures.md), each column a number for every row or a list, one per row; `columns` override."""
+    figures = dict(entropy=0.5, approx_kl=0.005, value_loss=2.0, policy_loss=-1.0, explained_variance=0.8,
+                   entropy_coef=0.0) | columns
+    return [dict(iteration=i, **{key: value[i] if isinstance(value, list) else value for key, value in figures.items()})
+            for i in range(n)]
+
+
+def test_a_rule_reads_the_later_half_of_the_run_at_most_its_last_50_iterations():
+    assert ppo.later_half(list(range(10))) == list(range(5, 10))
+    assert ppo.later_half(list(range(99))) == list(range(49, 99))
+    assert ppo.later_half(list(range(300))) == list(range(250, 300))
+
+
+def test_a_column_mean_reads_csv_text_and_leaves_out_nan():
+    rows = [dict(explained_variance=x) for x in ("0.5", "nan", 1.0)]  # NaN: an explained variance of constant returns
+    assert ppo.mean_of(rows, "explained_variance") == 0.75
+    assert math.isnan(ppo.mean_of(rows[1:2], "explained_variance"))
+
+
+def test_a_healthy_run_gets_no_diagnosis():
+    assert ppo.diagnose(metrics_rows()) == []
+    assert [rule(metrics_rows()) for rule in ppo.DIAGNOSES] == [None] * 5
+
+
+def test_policy_collapsed_when_approx_kl_once_passed_1_and_the_entropy_is_below_0_1():
+    def rows(peak=8.7, entropy=0.05):  # the update that collapsed it: iteration 3
+        return metrics_rows(approx_kl=[0.01] * 3 + [peak] + [0.0] * 56, entropy=entropy)
+    message = ppo.policy_collapsed(rows())
+    assert message.startswith("approx KL reached 8.7 at iteration 3 (healthy runs: below 0.1) and the entropy "
+                              "averaged 0.05 over the last 30 iterations") and message.endswith("try a lower --lr")
+    assert ppo.policy_collapsed(rows(peak=2.0)) is not None
+    assert ppo.policy_collapsed(rows(peak=0.5)) is None  # no update went that far
+    assert ppo.policy_collapsed(rows(entropy=0.2)) is None  # it went far, but the policy still explores
+
+
+def test_policy_frozen_when_approx_kl_falls_below_1e_6():
+    message = ppo.policy_frozen(metrics_rows(approx_kl=5e-7))
+    assert message.startswith("approx KL averaged 5e-07 over the last 30 iterations")
+    assert message.endswith("try a higher --lr")
+    assert ppo.policy_frozen(metrics_rows(approx_kl=2e-6)) is None
+
+
+def test_entropy_bonus_dominates_when_the_entropy_stays_95_percent_of_its_start_with_a_bonus_and_little_kl():
+    def rows(late_share=0.96, entropy_coef=20.0, approx_kl=5e-4):  # row 0 holds the start; the rest, share of it
+        return metrics_rows(entropy=[0.7] + [0.7 * late_share] * 59, entropy_coef=entropy_coef, approx_kl=approx_kl)
+    message = ppo.entropy_bonus_dominates(rows())
+    assert message.startswith("entropy averaged 0.672 over the last 30 iterations, 96% of its start, and approx "
+                              "KL 5e-04") and "bonus (20)" in message and message.endswith("--entropy-floor")
+    assert ppo.entropy_bonus_dominates(rows(late_share=0.94)) is None
+    assert ppo.entropy_bonus_dominates(rows(entropy_coef=0.0)) is None  # no bonus: not its doing
+    assert ppo.entropy_bonus_dominates(rows(approx_kl=2e-3)) is None  # the policy moves: it does commit
+
+
+def test_horizon_too_short_when_the_value_loss_falls_below_0_05():
+    message = ppo.horizon_too_short(metrics_rows(value_loss=0.03))
+    assert message.startswith("value loss averaged 0.03 over the last 30 iterations")
+    assert message.endswith("try a --gamma closer to 1 (its horizon: 1 / (1 - gamma) steps)")
+    assert ppo.horizon_too_short(metrics_rows(value_loss=0.07)) is None
+
+
+def test_critic_not_learning_when_explained_variance_stays_below_0():
+    message = ppo.critic_not_learning(metrics_rows(explained_variance=-0.05))
+    assert message.startswith("explained variance averaged -0.05 over the last 30 iterations")
+    assert message.endswith("check --value-coef (0 trains no critic)")
+    assert ppo.critic_not_learning(metrics_rows(explained_variance=0.05)) is None
+
+
+def test_diagnose_names_the_first_rule_that_holds_from_10_iterations_on():
+    collapsed = metrics_rows(10, approx_kl=[8.7] + [0.0] * 9, entropy=5e-4, explained_variance=-0.5)  # all three hold
+    assert ppo.policy_frozen(collapsed) and ppo.critic_not_learning(collapsed)  # the collapse explains both
+    assert ppo.diagnose(collapsed) == [ppo.policy_collapsed(collapsed)]
+    frozen = metrics_rows(approx_kl=1e-8, explained_variance=-0.5)
+    assert ppo.diagnose(frozen) == [ppo.policy_frozen(frozen)]
+    critic = metrics_rows(explained_variance=-0.5)
+    assert ppo.diagnose(critic) == [ppo.critic_not_learning(critic)]
+    assert ppo.diagnose(collapsed[:9]) == []  # too soon to tell a cause from a slow start
+
+
+RULE_THAT_ALWAYS_HOLDS = [lambda rows: f"a rule held on {len(rows)} iterations"]
+
+
+@pytest.mark.parametrize("ending", ["ended as configured", "solved", "Ctrl-C", "memory ran out", "divergence",
+                                    "clean-up step failed"])
+def test_only_a_run_that_ended_as_configured_without_solving_says_why(tmp_path, monkeypatch, capsys, ending):
+    """A signal, an error (memory running out is one), a divergence and a failed clean-up step have
+    their own message; the diagnosis is not added to them, nor to a run that solved."""
+    monkeypatch.setattr(ppo, "DIAGNOSES", RULE_THAT_ALWAYS_HOLDS)
+    calls, faults = [], {"Ctrl-C": KeyboardInterrupt(), "memory ran out": MemoryError()}
+
+    def update(*args, **kwargs):  # the update is not under test: a learning run's stats, at once
+        calls.append(1)
+        if len(calls) == 11 and ending in faults:
+            raise faults[ending]
+        return dict(policy_loss=-1.0, value_loss=2.0, entropy=0.5, loss=1.0, clip_fraction=0.1, grad_norm=1.0,
+                    approx_kl=0.005, explained_variance=0.8, epochs=2, minibatches=16,
+                    nonfinite=["loss"] if len(calls) == 11 and ending == "divergence" else [])
+
+    monkeypatch.setattr(ppo, "ppo_update", update)
+    if ending == "clean-up step failed":
+        monkeypatch.setattr(ppo, "plot_training", lambda *args: 1 / 0)  # after summary.json: it is rewritten
+    flags = ["--target-return", "10"] if ending == "solved" else []  # a random policy's returns: ~20
+    out = tmp_path / "run"
+    ppo.main(QUICK + ["--episodes", "12", "--confirm-episodes", "0", "--eval-episodes", "1", "--no-gif", *flags,
+                      "--out-dir", str(out)] + (["--no-plot"] if ending != "clean-up step failed" else []))
+    summary, stdout = json.loads((out / "summary.json").read_text()), capsys.readouterr().out
+    if ending == "ended as configured":
+        assert summary["diagnosis"] == ["a rule held on 12 iterations"] and summary["exit_status"] == 0
+        assert stdout.splitlines()[-1] == "why: a rule held on 12 iterations"
+    else:
+        assert summary["diagnosis"] == [] and "why:" not in stdout
+        assert summary["iterations"] >= 10  # enough for a rule to have been asked
+        assert (summary["solved_at_step"] is not None) == (ending == "solved")
+
+
+def test_a_run_with_an_lr_far_too_high_says_its_policy_collapsed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ppo.main(["--lr", "1", "--episodes", "10", "--confirm-episodes", "0", "--eval-episodes", "1", "--no-plot",
+                     "--no-gif", "--out-dir", str(out)]) == 0
+    summary, stdout = json.loads((out / "summary.json").read_text()), capsys.readouterr().out
+    (line,) = summary["diagnosis"]
+    assert line == ppo.policy_collapsed(read_csv(out / "metrics.csv")) and stdout.splitlines()[-1] == f"why: {line}"
+    assert re.match(r"approx KL reached [\d.]+ at iteration 0 .* entropy averaged \de-\d\d over the last 5 "
+                    r"iterations", line)
+
+
 # ==== Main ========================================================================================
 
 class FullDisk:
