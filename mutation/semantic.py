@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ppo_cartpole.py"
 EXPLAINED = Path(__file__).resolve().parent / "semantic-explained.md"
 WORK = ROOT / "mutants-semantic"
-TESTS = ["test_ppo_cartpole.py", "bench/test_ablations.py", "bench/test_long_run.py"]
+TESTS = ["test_ppo_cartpole.py", "bench/test_ablations.py", "bench/test_long_run.py", "bench/test_failures.py"]
 PYTEST_ARGS = ["-m", "not slow and not shell and not cuda", "-p", "no:cacheprovider", "-q", "--no-header"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import CLASSES, FUNCTIONS  # noqa: E402  the scope of `make mutate`
