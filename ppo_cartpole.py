@@ -1374,7 +1374,8 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
             ending.cleanup_failures.append(exc)
 
     def settle():  # the error, the exit status and the diagnosis, as they stand
-        # Only for a run that ended as configured, unsolved: a signal, an error or a divergence says why itself.
+        # Only for an unsolved run that ended as configured: a signal, an error, a divergence or a failed
+        # clean-up step says why itself.
         unsolved = tracker.solved_at_step is None and ending.exit_status == EXIT_STATUS["done"]
         summary.update(error=error_line(), exit_status=ending.exit_status,
                        diagnosis=diagnose(log.rows["metrics"]) if unsolved else [])
