@@ -90,8 +90,7 @@ def run(name: str, flags: str, seed: int, folder: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     printed = [line.removeprefix("why: ") for line in (run_dir / "stdout.txt").read_text().splitlines()
                if line.startswith("why: ")]
-    return dict(name=name, seed=seed, rows=rows, summary=summary, printed=printed,
-                command=" ".join(["python", *command[:-2]]))
+    return dict(name=name, seed=seed, rows=rows, summary=summary, printed=printed)
 
 
 def healthy_cuts(r: dict) -> list[list[dict]]:
@@ -131,7 +130,8 @@ def late_figures(rows: list[dict]) -> dict:
 def calibration(results: dict[str, list[dict]]) -> str:
     """Each figure a rule reads: its range over each failure mode's runs, and over the healthy runs cut
     at every iteration from 10 up to their solve (or their end), the runs the rules must stay silent on."""
-    healthy = [rows for name in [HEALTHY, *(c for c, _ in CUT_SHORT)] for r in results[name] for rows in healthy_cuts(r)]
+    healthy = [rows for name in [HEALTHY, *(name for name, _ in CUT_SHORT)] for r in results[name]
+               for rows in healthy_cuts(r)]
     columns = list(late_figures(results[HEALTHY][0]["rows"]))
     lines = ["| runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
 
@@ -158,7 +158,8 @@ def overlaps(results: dict[str, list[dict]]) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| mode | flags | the figures that give it away | solved (seeds 1, 2, 3) | diagnosis |",
+    seeds = len(results[HEALTHY])
+    lines = [f"| mode | flags | the figures that give it away | solved (seeds 1-{seeds}) | diagnosis |",
              "|---|---|---|---|---|"]
     for name, flags, rule, figures in MODES:
         solved = ", ".join(f"{r['summary']['solved_at_step'] / 1e3:.0f}k" if r["summary"]["solved_at_step"] else "no"
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    groups = [(name, flags, rule) for name, flags, rule, _ in MODES] + [(name, flags, None) for name, flags in CUT_SHORT]
+    groups = [(name, flags, rule) for name, flags, rule, _ in MODES] + [(name, flags, None)
+                                                                        for name, flags in CUT_SHORT]
     results, problems = {}, []
     for name, flags, rule in groups:
         results[name] = [run(name, flags, seed, args.out / "runs") for seed in range(1, args.seeds + 1)]
@@ -233,9 +235,10 @@ def main(argv=None) -> int:
         plot(name, flags, results[name], results[HEALTHY], args.figures / f"{slug(name)}.png")
     command = " ".join(["python bench/failures.py", *(sys.argv[1:] if argv is None else argv)])
     runs = [r for group in results.values() for r in group]
-    text = (f"{table(results)}\n\n`{command}`: {len(runs)} runs, one at a time, {sum(r['summary']['seconds'] for r in runs):.0f} s "
-            f"of training in all (each run's `seconds`); this call took {seconds:.0f} s wall, reusing the runs already "
-            f"in {rel(args.out / 'runs')}.\n\nThe figures each rule reads, over the later half "
+    training = sum(r["summary"]["seconds"] for r in runs)
+    text = (f"{table(results)}\n\n`{command}`: {len(runs)} runs, one at a time, {training:.0f} s of training in all"
+            f" (each run's `seconds`); this call took {seconds:.0f} s wall (a run already in "
+            f"{rel(args.out / 'runs')} is reused, not rerun).\n\nThe figures each rule reads, over the later half "
             f"of the run (at most its last {ppo.DIAGNOSIS_WINDOW} iterations):\n\n{calibration(results)}\n\n"
             f"Each rule by itself, on each mode's runs (seeds where it holds):\n\n{overlaps(results)}\n\n"
             f"The diagnosis of each failure mode's run (seed 1):\n\n"

@@ -21,8 +21,8 @@ def fake_run(rows, diagnosis, solved_at_iteration=None):
 def rows(n=40, **columns):
     figures = dict(entropy=0.5, approx_kl=0.005, value_loss=2.0, policy_loss=-1.0, explained_variance=0.8,
                    entropy_coef=0.0, clip_fraction=0.1, mean100_return=100.0, lr=3e-3) | columns
-    return [dict(iteration=i, env_steps=1024 * (i + 1), **{k: v[i] if isinstance(v, list) else v for k, v in figures.items()})
-            for i in range(n)]
+    return [dict(iteration=i, env_steps=1024 * (i + 1), **{k: v[i] if isinstance(v, list) else v
+                                                           for k, v in figures.items()}) for i in range(n)]
 
 
 def test_a_run_passes_only_with_its_own_rules_diagnosis_everywhere():
