@@ -2349,6 +2349,7 @@ def test_entropy_bonus_dominates_when_the_entropy_stays_95_percent_of_its_start_
                               "KL 5e-04") and "bonus (20)" in message and message.endswith("--entropy-floor")
     assert ppo.entropy_bonus_dominates(rows(late_share=0.94)) is None
     assert ppo.entropy_bonus_dominates(rows(entropy_coef=0.0)) is None  # no bonus: not its doing
+    assert ppo.entropy_bonus_dominates(rows(entropy_coef=0.5)) is not None  # any bonus that holds it there
     assert ppo.entropy_bonus_dominates(rows(approx_kl=2e-3)) is None  # the policy moves: it does commit
 
 
@@ -2364,6 +2365,20 @@ def test_critic_not_learning_when_explained_variance_stays_below_0():
     assert message.startswith("explained variance averaged -0.05 over the last 30 iterations")
     assert message.endswith("check --value-coef (0 trains no critic)")
     assert ppo.critic_not_learning(metrics_rows(explained_variance=0.05)) is None
+
+
+def test_a_figure_exactly_at_a_threshold_is_judged_as_docs_failures_md_writes_it():
+    """approx KL > 1, entropy < 0.1, approx KL < 1e-6, value loss < 0.05, explained variance < 0, and
+    for the bonus approx KL < 1e-3 but entropy >= 95% of its start."""
+    def one(**columns):  # the later half of a single row is that row
+        return metrics_rows(1, **columns)
+    assert ppo.policy_collapsed(one(approx_kl=1.0, entropy=0.05)) is None
+    assert ppo.policy_collapsed(one(approx_kl=8.7, entropy=0.1)) is None
+    assert ppo.policy_frozen(one(approx_kl=1e-6)) is None
+    assert ppo.entropy_bonus_dominates(one(entropy_coef=20.0, approx_kl=1e-3)) is None
+    assert ppo.entropy_bonus_dominates(metrics_rows(2, entropy=[1.0, 0.95], entropy_coef=20.0, approx_kl=1e-4))
+    assert ppo.horizon_too_short(one(value_loss=0.05)) is None
+    assert ppo.critic_not_learning(one(explained_variance=0.0)) is None
 
 
 def test_diagnose_names_the_first_rule_that_holds_from_10_iterations_on():
