@@ -1223,7 +1223,7 @@ def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
     if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
             or isinstance(exc, RuntimeError) and "can't allocate memory" in text):
         return None
-    asked, amount = "", re.search(r"allocate ([\d.]+) ?(bytes|[KMGT]i?B)", text, re.IGNORECASE)
+    asked, amount = "", re.search(r"allocate ([\d.]+) ?(bytes|[KMGT]i?B)", text)
     if amount:  # torch's CPU allocator counts bytes; CUDA's and numpy's say "2.00 GiB"
         number, unit = amount.groups()
         if unit == "bytes":

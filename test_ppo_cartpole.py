@@ -2589,6 +2589,8 @@ SIZES = "lower what sizes the run: --num-envs 4, --buffer-size 256, --minibatch-
 @pytest.mark.parametrize("exc, asked", [(RuntimeError(CPU_OOM), " (asked for 8.00 GiB)"),
                                         (torch.OutOfMemoryError(CUDA_OOM), " (asked for 2.00 GiB)"),
                                         (MemoryError("Unable to allocate 7.45 MiB for an array"), " (asked for 7.45 MiB)"),
+                                        (RuntimeError(CPU_OOM.replace("8589934592", "16777216")), " (asked for 16.0 MiB)"),
+                                        (RuntimeError(CPU_OOM.replace("8589934592", str(2**30))), " (asked for 1.00 GiB)"),
                                         (MemoryError(), "")])
 def test_memory_running_out_is_told_in_one_line_with_the_size_flags(exc, asked):
     config = ppo.resolve(ppo.parse_args(QUICK))
@@ -2714,10 +2716,11 @@ def test_a_sighup_inherited_as_ignored_stays_ignored(tmp_path):
     assert proc.returncode == 143 and "SIGHUP" not in err
 
 
-def test_ending_signals_are_caught_unless_inherited_as_ignored():
+def test_ending_signals_are_caught_unless_inherited_as_ignored(monkeypatch):
     previous = {name: signal.getsignal(signal.Signals[name]) for name in ppo.ENDING_SIGNALS}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
+        monkeypatch.setitem(ppo.ENDING_SIGNALS, "SIGNOTHERE", "a signal this platform lacks: skipped")
         replaced = ppo.catch_ending_signals()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in replaced
         for name in ["SIGTERM", "SIGUSR1", "SIGUSR2"]:
@@ -2743,6 +2746,12 @@ def test_best_effort_output_drops_what_a_gone_terminal_cannot_take_and_goes_quie
     working = io.StringIO()
     ppo.BestEffort(working).write("kept\n")
     assert working.getvalue() == "kept\n"
+
+    class GoneWithoutFile(io.StringIO):  # a failing stream that has no file to point elsewhere
+        def write(self, text):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    assert ppo.BestEffort(GoneWithoutFile()).write("dropped\n") == len("dropped\n")
 
 @pytest.mark.shell
 def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
