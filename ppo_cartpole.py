@@ -1227,8 +1227,8 @@ def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
     if amount:  # torch's CPU allocator counts bytes; CUDA's and numpy's say "2.00 GiB"
         number, unit = amount.groups()
         if unit == "bytes":
-            number, unit = int(number) / 2**20, "MiB"
-            number, unit = (f"{number / 1024:.2f}", "GiB") if number >= 1024 else (f"{number:.1f}", "MiB")
+            mib = int(number) / 2**20
+            number, unit = (f"{mib / 1024:.2f}", "GiB") if mib >= 1024 else (f"{mib:.1f}", "MiB")
         asked = f" (asked for {number} {unit})"
     sizes = ", ".join(f"{flag_name(name)} {getattr(config, name)}" for name in SIZE_FLAGS)
     return OutOfMemory(f"memory ran out{asked}; lower what sizes the run: {sizes}")
