@@ -22,7 +22,7 @@ train-post: $(STAMP)  ## the blog post's hyper-parameters (POST_SETTINGS in the 
 	$(PYTHON) ppo_cartpole.py $$($(PYTHON) -c 'import ppo_cartpole; print(ppo_cartpole.POST_SETTINGS)') \
 		--stop-when-solved --out-dir runs/train-post
 
-test: $(STAMP)  ## the fast suite (about a minute on 2 cores)
+test: $(STAMP)  ## the fast suite (about 4 minutes on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
