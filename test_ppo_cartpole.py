@@ -2659,11 +2659,16 @@ def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["divergence"].startswith("iteration")
 
 
+def as_from_a_terminal():
+    """Each signal a run catches at its default, as a terminal's job has them: a shell's background
+    job inherits SIGINT ignored, and one under nohup (a CI runner's, say) SIGHUP."""
+    for name in ["SIGINT", *ppo.ENDING_SIGNALS]:
+        signal.signal(signal.Signals[name], signal.SIG_DFL)
+
+
 def start_run(out, *extra, **popen):
-    """A child process training in `out` until told to stop, once it has logged 3 iterations. Its
-    SIGINT is Python's KeyboardInterrupt, as from a terminal (a shell's background job ignores it)."""
-    popen = dict(stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) | popen
+    """A child process training in `out` until told to stop, once it has logged 3 iterations."""
+    popen = dict(stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=as_from_a_terminal) | popen
     proc = subprocess.Popen([sys.executable, str(Path(ppo.__file__)), *QUICK, "--episodes", "100000",
                              "--out-dir", str(out), *extra], **popen)
     wait_for_rows(out, proc, rows=3)
