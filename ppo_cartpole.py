@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import re
 import signal
 import sys
 import time
@@ -1219,6 +1218,8 @@ class OutOfMemory(RunStopped):
 def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
     """exc as one line, if it is memory running out: how much was asked, where its message says, and
     the flags that size the run, with their values. None for any other error."""
+    import re
+
     text = str(exc)
     if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
             or isinstance(exc, RuntimeError) and "can't allocate memory" in text):
