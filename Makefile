@@ -22,16 +22,16 @@ train-post: $(STAMP)  ## the blog post's hyper-parameters (POST_SETTINGS in the 
 	$(PYTHON) ppo_cartpole.py $$($(PYTHON) -c 'import ppo_cartpole; print(ppo_cartpole.POST_SETTINGS)') \
 		--stop-when-solved --out-dir runs/train-post
 
-test: $(STAMP)  ## the fast suite (about 4 minutes on 2 cores)
-	$(PYTHON) -m pytest -m "not slow" -q
+test: $(STAMP)  ## the fast suite, a worker per core (pytest-xdist)
+	$(PYTHON) -m pytest -m "not slow" -q -n auto
 
 test-slow: $(STAMP)  ## everything, including a learning test that solves CartPole
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 test-floors:  ## the fast suite on the lowest version of each package requirements.txt allows, in .venv-floors (not in CI)
 	rm -rf .venv-floors && python3 -m venv .venv-floors
 	sed -nE 's/^([^#>]+)>=([0-9.]+).*/\1==\2/p' requirements.txt | xargs .venv-floors/bin/python -m pip install -q
-	.venv-floors/bin/python -m pytest -m "not slow" -q
+	.venv-floors/bin/python -m pytest -m "not slow" -q -n auto
 
 mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the fast tests catch (~15 min; not in CI)
 	$(PYTHON) -m pip install -q -r mutation/requirements.txt

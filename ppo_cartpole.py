@@ -1101,9 +1101,10 @@ def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
         return (sums[end] - sums[start]) / (counts[end] - counts[start])
 
 
-def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path,
+def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path: Path | None = None,
                   solved_at_step: int | None = None, kl_target: float | None = None):
-    """The PNG dashboard of a run; returns the matplotlib Figure (no pyplot: no display needed).
+    """The dashboard of a run, written to `path` as a PNG unless it is None (the drawing is most of
+    the time); returns the matplotlib Figure (no pyplot: no display needed).
 
     episodes, metrics: rows of episodes.csv and metrics.csv (numbers or their text). On top, the
     returns (each episode, EMA, last-100 mean, target, success rate, best.pt's saves): on the left
@@ -1200,7 +1201,8 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
         ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M, not 1500000
     for ax in axes[-2:]:
         ax.set_xlabel("env steps")
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    if path is not None:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     return fig
 
 

@@ -2216,10 +2216,10 @@ def test_dashboard_has_a_panel_for_each_diagnostic_and_schedule(tmp_path):
     assert any(line.get_label() == "target 0.01" for line in kl_axis.get_lines())
 
 
-def test_the_learning_phase_gets_its_own_returns_panel_only_when_the_run_went_on_after_it(tmp_path):
+def test_the_learning_phase_gets_its_own_returns_panel_only_when_the_run_went_on_after_it():
     episodes, metrics = dashboard_rows()  # 5 iterations, up to env step 500
     for solved_at_step, panels in [(100, 2), (200, 1), (None, 1)]:  # 3 x 200 is past the run's end
-        fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=solved_at_step)
+        fig = ppo.plot_training(episodes, metrics, 475, None, solved_at_step=solved_at_step)
         returns_axes = [ax for ax in fig.axes if ax.get_ylabel() == "return"]
         ends = [300, 500] if panels == 2 else [500]  # 3 x the solve, then the whole run
         assert [ax.get_xlim()[1] for ax in returns_axes] == pytest.approx([1.02 * end for end in ends])
@@ -2227,10 +2227,10 @@ def test_the_learning_phase_gets_its_own_returns_panel_only_when_the_run_went_on
         assert lr_axis.get_ylim() == pytest.approx((0, 1.05 * 0.5))  # from 0 to the largest lr, 0.5
 
 
-def test_the_diagnostics_show_the_learning_phase_on_log_steps_when_the_run_went_on_after_it(tmp_path):
+def test_the_diagnostics_show_the_learning_phase_on_log_steps_when_the_run_went_on_after_it():
     episodes, metrics = dashboard_rows(num_iterations=400)  # up to env step 40,000
     for solved_at_step, scale in [(1000, "log"), (20_000, "linear"), (None, "linear")]:
-        fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=solved_at_step)
+        fig = ppo.plot_training(episodes, metrics, 475, None, solved_at_step=solved_at_step)
         diagnostics = [ax for ax in fig.axes if ax.get_title(loc="left") and ax.get_ylabel() != "return"]
         assert len(diagnostics) == 8 and {ax.get_xscale() for ax in diagnostics} == {scale}
         if scale == "log":  # the learning phase, shaded, up to 3 x the solve; the whole run after it
@@ -2248,9 +2248,9 @@ def test_rolling_mean_takes_a_window_per_index():
     assert ppo.rolling_mean(x, windows).tolist() == pytest.approx(expected)
 
 
-def test_dashboard_clips_explained_variance_and_says_so(tmp_path):
+def test_dashboard_clips_explained_variance_and_says_so():
     episodes, metrics = dashboard_rows()  # explained variance 1, 0, -1, -2, -3
-    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    fig = ppo.plot_training(episodes, metrics, 475, None)
     ev_axis = next(ax for ax in fig.axes if "explained variance" in ax.get_title(loc="left"))
     assert min(ev_axis.get_lines()[0].get_ydata()) == ppo.EV_FLOOR
     assert ev_axis.get_ylim()[0] > -1.5
@@ -2268,30 +2268,30 @@ def test_rolling_mean_matches_a_plain_loop_and_skips_nans():
     assert np.isnan(ppo.rolling_mean(np.array([np.nan, 1.0]), 1)[0])
 
 
-def test_a_long_runs_diagnostics_get_a_trend_line(tmp_path):
+def test_a_long_runs_diagnostics_get_a_trend_line():
     episodes, metrics = dashboard_rows(num_iterations=400)
-    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    fig = ppo.plot_training(episodes, metrics, 475, None)
     clip_axis = next(ax for ax in fig.axes if "clip fraction" in ax.get_title(loc="left"))
     assert [line.get_label() for line in clip_axis.get_lines()][-1] == "mean of 4 iterations"
-    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png", solved_at_step=1000)  # log steps
+    fig = ppo.plot_training(episodes, metrics, 475, None, solved_at_step=1000)  # log steps
     clip_axis = next(ax for ax in fig.axes if "clip fraction" in ax.get_title(loc="left"))
     trend = next(line for line in clip_axis.get_lines() if line.get_label() == "mean of the last 10% of iterations")
     values = [(i + 1) * 0.1 for i in range(400)]
     assert trend.get_ydata()[199] == pytest.approx(np.mean(values[180:200]))  # at iteration 200: the last 20
 
 
-def test_dashboard_thins_the_episode_dots_of_a_long_run(tmp_path):
+def test_dashboard_thins_the_episode_dots_of_a_long_run():
     episodes, metrics = dashboard_rows(num_episodes=3 * ppo.PLOT_MAX_POINTS + 5)
-    fig = ppo.plot_training(episodes, metrics, 475, tmp_path / "training.png")
+    fig = ppo.plot_training(episodes, metrics, 475, None)
     dots = fig.axes[0].get_lines()[0]
     assert len(dots.get_xdata()) <= ppo.PLOT_MAX_POINTS and "every 4th" in dots.get_label()
 
 
-def test_dashboard_reads_csv_rows_as_written(tmp_path):
+def test_dashboard_reads_csv_rows_as_written():
     """metrics.csv gives back text, "0" included: it must not count as a best.pt save."""
     episodes, metrics = dashboard_rows()
     as_text = [{k: str(v) for k, v in row.items()} for row in metrics]
-    fig = ppo.plot_training(episodes, as_text, 475, tmp_path / "training.png")
+    fig = ppo.plot_training(episodes, as_text, 475, None)
     assert "best.pt saved (2x)" in [line.get_label() for line in fig.axes[0].get_lines()]
 
 
@@ -2654,7 +2654,7 @@ def test_a_clean_up_step_that_fails_is_skipped_and_the_run_goes_on(tmp_path, mon
 @pytest.mark.shell
 def test_a_huge_lr_diverges_cleanly_from_the_shell(tmp_path):
     proc = subprocess.run([sys.executable, str(Path(ppo.__file__)), *QUICK, "--lr", "1e6", "--episodes", "30",
-                           "--no-gif", "--out-dir", str(tmp_path / "run")], capture_output=True, text=True)
+                           "--no-gif", "--no-plot", "--out-dir", str(tmp_path / "run")], capture_output=True, text=True)
     assert proc.returncode == 1 and "diverged at iteration" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["divergence"].startswith("iteration")
 

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=500_000, help="env steps per run")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="3 variants, 1 seed, 20k steps: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="3 variants, 1 seed, 4,096 steps: a smoke run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ablations")
     parser.add_argument("--figure", type=Path, default=None, help="default: assets/ablations.png (--quick: in --out)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         child(args.child, args.seed, args.budget, str(args.out))
         return 0
     if args.quick:
-        args.seeds, args.budget = 1, 20_000
+        args.seeds, args.budget = 1, 4_096
     names = QUICK if args.quick else [v[0] for v in VARIANTS]
     figure = args.figure or (args.out / "ablations.png" if args.quick else ROOT / "assets" / "ablations.png")
     args.out.mkdir(parents=True, exist_ok=True)
