@@ -2590,6 +2590,7 @@ SIZES = "lower what sizes the run: --num-envs 4, --buffer-size 256, --minibatch-
                                         (torch.OutOfMemoryError(CUDA_OOM), " (asked for 2.00 GiB)"),
                                         (MemoryError("Unable to allocate 7.45 MiB for an array"), " (asked for 7.45 MiB)"),
                                         (RuntimeError(CPU_OOM.replace("8589934592", "16777216")), " (asked for 16.0 MiB)"),
+                                        (RuntimeError(CPU_OOM.replace("8589934592", str(2**30 - 2**20))), " (asked for 1023.0 MiB)"),
                                         (RuntimeError(CPU_OOM.replace("8589934592", str(2**30))), " (asked for 1.00 GiB)"),
                                         (MemoryError(), "")])
 def test_memory_running_out_is_told_in_one_line_with_the_size_flags(exc, asked):
