@@ -1103,7 +1103,7 @@ def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path: Path | None = None,
                   solved_at_step: int | None = None, kl_target: float | None = None):
-    """The dashboard of a run, written to `path` as a PNG unless it is None (the drawing is most of
+    """The dashboard of a run, written to `path` as a PNG unless path is None (saving takes most of
     the time); returns the matplotlib Figure (no pyplot: no display needed).
 
     episodes, metrics: rows of episodes.csv and metrics.csv (numbers or their text). On top, the
