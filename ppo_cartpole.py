@@ -1291,9 +1291,10 @@ def policy_collapsed(rows: list[dict]) -> str | None:
     """The lr far too high: an update moves the policy so far that it plays one action, and with
     nothing else sampled it has nothing left to learn from."""
     late, peak = later_half(rows), max(rows, key=lambda row: float(row["approx_kl"]))
-    if float(peak["approx_kl"]) > 1 and mean_of(late, "entropy") < 0.1:
-        return (f"approx KL reached {float(peak['approx_kl']):.3g} at iteration {peak['iteration']} (healthy runs: "
-                f"below 0.1) and the entropy averaged {mean_of(late, 'entropy'):.1g} over the last {len(late)} "
+    peak_kl, entropy = float(peak["approx_kl"]), mean_of(late, "entropy")
+    if peak_kl > 1 and entropy < 0.1:
+        return (f"approx KL reached {peak_kl:.3g} at iteration {peak['iteration']} (healthy runs: "
+                f"below 0.1) and the entropy averaged {entropy:.1g} over the last {len(late)} "
                 f"iterations (healthy runs: 0.35 or more until they solve): an update moved the policy so far that it "
                 f"plays one action; try a lower --lr")
 
@@ -1301,8 +1302,9 @@ def policy_collapsed(rows: list[dict]) -> str | None:
 def policy_frozen(rows: list[dict]) -> str | None:
     """The lr far too low: every update leaves the policy where it was."""
     late = later_half(rows)
-    if mean_of(late, "approx_kl") < 1e-6:
-        return (f"approx KL averaged {mean_of(late, 'approx_kl'):.0e} over the last {len(late)} iterations (healthy "
+    kl = mean_of(late, "approx_kl")
+    if kl < 1e-6:
+        return (f"approx KL averaged {kl:.0e} over the last {len(late)} iterations (healthy "
                 f"runs: 0.001 or more): each update barely moves the policy; try a higher --lr")
 
 
@@ -1310,18 +1312,20 @@ def entropy_bonus_dominates(rows: list[dict]) -> str | None:
     """An entropy bonus larger than the advantages: it holds the policy near uniform, so it never commits."""
     late = later_half(rows)
     entropy, start, kl = mean_of(late, "entropy"), float(rows[0]["entropy"]), mean_of(late, "approx_kl")
-    if mean_of(late, "entropy_coef") > 0 and entropy >= 0.95 * start and kl < 1e-3:
+    coef = mean_of(late, "entropy_coef")
+    if coef > 0 and entropy >= 0.95 * start and kl < 1e-3:
         return (f"entropy averaged {entropy:.3f} over the last {len(late)} iterations, {entropy / start:.0%} of its "
                 f"start, and approx KL {kl:.0e} (healthy runs: 0.001 or more): the entropy bonus "
-                f"({mean_of(late, 'entropy_coef'):g}) outweighs the advantages, so the policy never commits; try a "
+                f"({coef:g}) outweighs the advantages, so the policy never commits; try a "
                 f"lower --entropy-coef and --entropy-floor")
 
 
 def horizon_too_short(rows: list[dict]) -> str | None:
     """gamma far too low: the returns sum a few steps' rewards, alike in every state, so V has nothing to tell apart."""
     late = later_half(rows)
-    if mean_of(late, "value_loss") < 0.05:
-        return (f"value loss averaged {mean_of(late, 'value_loss'):.1g} over the last {len(late)} iterations (healthy "
+    value_loss = mean_of(late, "value_loss")
+    if value_loss < 0.05:
+        return (f"value loss averaged {value_loss:.1g} over the last {len(late)} iterations (healthy "
                 f"runs: 0.5 or more until they solve): the returns sum too few rewards to tell a good state from a "
                 f"bad one; try a --gamma closer to 1 (its horizon: 1 / (1 - gamma) steps)")
 
@@ -1329,8 +1333,9 @@ def horizon_too_short(rows: list[dict]) -> str | None:
 def critic_not_learning(rows: list[dict]) -> str | None:
     """No value loss (or one weighted to nothing): V predicts nothing, so the advantages are the returns' noise."""
     late = later_half(rows)
-    if mean_of(late, "explained_variance") < 0:
-        return (f"explained variance averaged {mean_of(late, 'explained_variance'):.2f} over the last {len(late)} "
+    explained = mean_of(late, "explained_variance")
+    if explained < 0:
+        return (f"explained variance averaged {explained:.2f} over the last {len(late)} "
                 f"iterations (healthy runs: 0.1 or more from iteration 10): the critic predicts nothing, so the "
                 f"advantages are noise; check --value-coef (0 trains no critic)")
 
