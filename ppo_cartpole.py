@@ -1,8 +1,7 @@
 """PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") for gymnasium's CartPole-v1.
 
-The algorithm first, in the order it runs (config, model, rollout, advantages, losses, update, the
-loop), then after a banner the machinery of a run. Each piece's "Copy with ...; imports: ..." names
-what a copy of it needs. Shapes: T steps per env per rollout, N envs, B samples, A actions, D obs size.
+Above the banner, PPO in the order it runs; below it, the machinery of a run (envs, flags, files, plots).
+Shapes: T steps per env per rollout, N envs, B samples of a rollout, M of a minibatch, A actions, D obs size.
 Usage:
     python ppo_cartpole.py --stop-when-solved              # train with the defaults until solved
     python ppo_cartpole.py --episodes 2000 --device cuda   # on a GPU: CartPole stepped in torch
@@ -15,6 +14,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import importlib
 import io
 import json
@@ -33,34 +33,28 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.distributions import Categorical
 from tqdm import tqdm
 
 # ==== Config ======================================================================================
 def option(default, help: str, **flag):
-    """A Config field and its flag (argparse keywords too); `allowed`, an interval, is checked and shown."""
+    """A config field and its flag: help, argparse keywords, `allowed` (an interval, checked)."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run, each a flag of the same name (`num_envs`, `--num-envs`); `resolve` fills
-    in the Nones. README, "Flags: the post's values and ours", says why ours differ."""
+    """PPO's settings, each a flag of the same name (num_envs: --num-envs); README, "Flags": why ours differ."""
 
-    # Environments
     env_id: str = option("CartPole-v1", "gymnasium env id: Discrete actions, a flat Box observation")
-    env_backend: str = option("auto", "torch: CartPole-v1 in torch on --device; auto: torch on CUDA, else gymnasium",
-                              choices=("auto", "gymnasium", "torch"))
-    vectorization_mode: str = option("auto", "the env's native vector env (vector_entry_point) or SyncVectorEnv; "
-                                     "auto: the first if there is one", choices=("auto", "sync", "vector_entry_point"))
-    num_envs: int | None = option(None, "N parallel envs", allowed="[1, 65536]")
-    # Rollout and update
+    seed: int = option(1, "seeds the network, the envs, sampling and shuffling", allowed="[0, 2e9]")
+    # Sizes: a rollout is buffer_size = N envs x T steps; each epoch cuts it into minibatches.
+    num_envs: int = option(32, "N parallel envs", allowed="[1, 65536]")
+    buffer_size: int = option(1024, "steps per rollout over all envs: T = buffer-size / num-envs >= 2",
+                              allowed="[2, 2097152]")
+    minibatch_size: int = option(256, "samples per gradient step (an epoch's last: the rest)", allowed="[1, 262144]")
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
-    buffer_size: int | None = option(None, "steps per rollout over all envs: T = buffer-size / num-envs >= 2",
-                                     allowed="[2, 2097152]")
-    minibatch_size: int | None = option(None, "samples per gradient step, a divisor of --buffer-size",
-                                        allowed="[1, 262144]")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 100]")
     lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
@@ -77,44 +71,26 @@ class Config:
     max_grad_norm: float = option(0.5, "clip the gradient's global norm to this (0 = off)", allowed="[0, inf)")
     target_kl: float | None = option(None, "end an update once a minibatch's approx KL exceeds this (default: off)",
                                      allowed="(0, inf)")
-    # Tracking
-    ema_alpha: float = option(0.1, "weight of the newest episode in the EMA of returns", allowed="(0, 1]")
-    target_return: float | None = option(None, "'solved' bar for the mean of the last 100 returns "
-                                         "(default: the env's reward_threshold, 475 for CartPole-v1)")
-    stop_when_solved: bool = option(False, "end training once solved and best.pt plays the target greedily")
-    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate (0 = the EMA alone)",
-                                   allowed="[0, 10000]")
-    # The run
-    seed: int = option(1, "seeds the network, the envs, sampling and shuffling", allowed="[0, 2e9]")
-    device: str = option("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
-    threads: int = option(1, "torch CPU threads, at most this machine's cores")
-    out_dir: str | None = option(None, "run folder (default: a fresh runs/<env>__seed<seed>__<time>)")
-    plot: bool = option(True, "write training.png")
-    gif: bool = option(True, "write agent.gif")
-    eval: str | None = option(None, "play this checkpoint greedily, write its GIF, no training", metavar="CHECKPOINT")
-    eval_episodes: int = option(10, "greedy episodes of the final evaluation", allowed="[1, 10000]")
 
 
 # ==== Model =======================================================================================
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
-    """Orthogonal weights, zero bias (the PPO paper's baselines code). Copy alone; imports: torch.nn as nn."""
+    """Orthogonal weights, zero bias, as the PPO paper's baselines code."""
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
 
 
 class ActorCritic(nn.Module):
-    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head. Copy with
-    layer_init; imports: math, torch, torch.nn as nn."""
+    """The post's network: a shared 64-64 ReLU trunk, a policy head and a value head. Needs: layer_init."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
         super().__init__()
-        # Plain ints, not numpy's: they go into checkpoints, which torch.load(weights_only=True) reads.
-        self.obs_dim, self.act_dim, self.hidden = int(obs_dim), int(act_dim), int(hidden)
+        self.obs_dim, self.act_dim, self.hidden = obs_dim, act_dim, hidden
         self.trunk = nn.Sequential(
             layer_init(nn.Linear(obs_dim, hidden), math.sqrt(2)), nn.ReLU(),
             layer_init(nn.Linear(hidden, hidden), math.sqrt(2)), nn.ReLU())
-        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # near-uniform first policy
+        self.policy_head = layer_init(nn.Linear(hidden, act_dim), 0.01)  # a near-uniform first policy
         self.value_head = layer_init(nn.Linear(hidden, 1), 1.0)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,104 +99,75 @@ class ActorCritic(nn.Module):
         return self.policy_head(features), self.value_head(features).squeeze(-1)
 
 
-def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None):
-    """logits [..., A] -> (actions [...] int64, logprobs [...]), drawn from softmax(logits) by Gumbel-max,
-    argmax(logits + Gumbel noise), noise from `generator` (Categorical.sample draws from torch's global
-    RNG and checks its input on the host). Copy with logprobs_of; imports: torch, torch.nn.functional as F."""
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
-    actions = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
-    return actions, logprobs_of(logits, actions)
-
-
-def logprobs_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s): logits [..., A], actions [...] -> [...]. Copy alone; imports: torch, torch.nn.functional as F."""
-    return F.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): [..., A] -> [...]. Copy alone; imports: torch, torch.nn.functional as F."""
-    logprobs = F.log_softmax(logits, dim=-1)
-    return -(logprobs.exp() * logprobs).sum(-1)
-
-
 # ==== Rollout =====================================================================================
 @dataclass
 class Rollout:
-    """One rollout, stored [T, N] (time, env): GAE runs along time, per env (the post's flat list mixed
-    the envs). Copy with Collector; imports: dataclasses.dataclass, gymnasium as gym, torch, torch.nn
-    as nn, torch.nn.functional as F."""
+    """One rollout, [T, N] (time, env): GAE runs along time, per env (the post's flat list mixed them)."""
 
     obs: torch.Tensor  # [T, N, D]
-    actions: torch.Tensor  # [T, N]
-    logprobs: torch.Tensor  # [T, N]  log pi_old(a|s)
-    rewards: torch.Tensor  # [T, N]  with gamma * V(final obs) added on truncation
-    values: torch.Tensor  # [T, N]  V_old(s)
-    dones: torch.Tensor  # [T, N]  1.0 iff the episode ended at step t (terminated or truncated)
-    valid: torch.Tensor  # [T, N]  0.0 on the autoreset steps, which are not experience
-    last_value: torch.Tensor  # [N]  V(obs after the last step), the bootstrap of the last step
-    ended_returns: torch.Tensor  # [T, N]  true (undiscounted) return of the episode that ended at
-    ended_lengths: torch.Tensor  # [T, N]  step t, and its length; meaningful where dones[t] = 1
+    actions: torch.Tensor
+    logprobs: torch.Tensor  # log pi_old(a|s)
+    rewards: torch.Tensor  # + gamma * V(final obs) where a time limit alone ended the episode
+    values: torch.Tensor  # V_old(s)
+    dones: torch.Tensor  # 1.0 iff the episode ended *at* step t (terminated or truncated)
+    valid: torch.Tensor  # 0.0 on the autoreset steps, which only reset an env: not experience
+    last_value: torch.Tensor  # [N] V(obs after the last step), the last step's bootstrap
+    ended_returns: torch.Tensor  # return and length of the episode that ended at t, where dones = 1
+    ended_lengths: torch.Tensor
 
 
 class Collector:
-    """Steps N envs for T steps per rollout with the current policy, pi_old, into a [T, N] Rollout.
-    envs: torch in and out, next-step autoreset (make_envs's contract): the step after an episode
-    ends only resets that env and is masked out (`valid`). Same-step autoreset (gymnasium < 1.0, as
-    CleanRL pins; `final_obs` in info) is refused. The envs run on across rollouts (the post reset
-    them each rollout: no episode outlasted T). net: obs [..., D] -> (logits [..., A], values [...]).
-    The Rollout returned is the Collector's buffers, rewritten by the next `collect`; the carried
-    state (next_obs, prev_done, the episode sums) is updated in place. Copy with Rollout,
-    sample_actions and logprobs_of; imports: dataclasses.dataclass, gymnasium as gym, torch,
-    torch.nn as nn, torch.nn.functional as F.
-    """
+    """Steps N envs for T steps with the current policy, pi_old, into a [T, N] Rollout (its own buffers,
+    rewritten by the next `collect`). The envs run on across rollouts: the post reset them each time, so
+    no episode outlasted T. envs: torch in and out, next-step autoreset (the step after an episode ends
+    only resets that env: `valid` 0); same-step autoreset (gymnasium < 1.0) is refused. Needs: Rollout."""
 
     REFUSED = "Collector needs next-step autoreset, got {}: use gymnasium >= 1.0 and its default, NEXT_STEP"
 
     def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
-        mode = getattr(envs, "metadata", {}).get("autoreset_mode")  # gymnasium >= 1.1 declares it
-        mode = getattr(mode, "value", mode)  # an AutoresetMode, or its value as a string
+        mode = getattr(envs, "metadata", {}).get("autoreset_mode")
+        mode = getattr(mode, "value", mode)
         if mode not in (None, "NextStep") or (mode is None and int(gym.__version__.split(".")[0]) < 1):
             raise ValueError(self.REFUSED.format(mode or f"gymnasium {gym.__version__}, which resets on the same step"))
         self.envs = envs
         T, N, obs_shape = num_steps, envs.num_envs, envs.single_observation_space.shape
-        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        zeros = functools.partial(torch.zeros, device=device)
         self.rollout = Rollout(obs=zeros(T, N, *obs_shape), actions=zeros(T, N, dtype=torch.long),
                                logprobs=zeros(T, N), rewards=zeros(T, N), values=zeros(T, N), dones=zeros(T, N),
                                valid=zeros(T, N), last_value=zeros(N), ended_returns=zeros(T, N),
                                ended_lengths=zeros(T, N))
-        self.truncated_only = zeros(T, N)  # 1.0 where a time limit alone ended the episode: bootstrapped
-        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)  # the only reset
-        self.prev_done = zeros(N)  # the episode ended on the previous step: this one is an autoreset
-        self.episode_return, self.episode_length = zeros(N), zeros(N)
+        self.truncated_only = zeros(T, N)
+        self.next_obs = envs.reset(seed=seed)[0].to(device, torch.float32, copy=True)
+        self.prev_done, self.episode_return, self.episode_length = zeros(N), zeros(N), zeros(N)
 
-    def collect(self, net: nn.Module, gamma: float, generator: torch.Generator | None = None) -> Rollout:
-        """T steps with `net` as pi_old, sampling from `generator`; truncations bootstrapped."""
+    def collect(self, net: nn.Module, gamma: float) -> Rollout:
+        """T steps with `net`, obs [..., D] -> (logits [..., A], values [...]), as pi_old."""
         r = self.rollout
-        with torch.inference_mode():  # pi_old is data, not a function to differentiate
+        with torch.inference_mode():
             for t in range(len(r.rewards)):
-                self.step(net, t, generator)
+                self.step(net, t)
             r.last_value.copy_(net(self.next_obs)[1])
-            # In next-step mode the obs returned at an episode's last step is its true final obs, so
-            # V(final obs) is the next step's value. A time limit is not failure: bootstrap from it.
+            # V(final obs) is the next row's value (next-step mode); a time limit is not failure: bootstrap.
             next_values = torch.cat([r.values[1:], r.last_value.unsqueeze(0)])  # [T, N]
             r.rewards += gamma * next_values * self.truncated_only
         return r
 
-    def step(self, net: nn.Module, t: int, generator: torch.Generator | None = None) -> None:
-        """Step t of the rollout: act on next_obs, step the envs, write row t of every buffer."""
+    def step(self, net: nn.Module, t: int) -> None:
+        """Row t of the rollout: act on next_obs, step the envs; the carried state changes in place."""
         r = self.rollout
         logits, values = net(self.next_obs)
-        actions, logprobs = sample_actions(logits, generator)
+        # validate_args=False: Categorical's check of its input would read the GPU every step.
+        policy = Categorical(logits=logits, validate_args=False)
+        actions = policy.sample()
         next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
         if "final_obs" in info or "final_observation" in info:
             raise ValueError(self.REFUSED.format("a final observation in info (same-step autoreset)"))
         done = (terminated | truncated).float()
-        r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = self.next_obs, actions, logprobs, values
+        r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = self.next_obs, actions, policy.log_prob(actions), values
         r.rewards[t], r.dones[t] = rewards, done
-        r.valid[t] = 1.0 - self.prev_done  # 0 on an autoreset step: action ignored, reward 0
+        r.valid[t] = 1.0 - self.prev_done
         # At step 500 CartPole can report both flags: then it is a termination, no bootstrap.
         self.truncated_only[t] = (truncated & ~terminated).float()
-
         self.episode_return += rewards
         self.episode_length += r.valid[t]
         r.ended_returns[t], r.ended_lengths[t] = self.episode_return, self.episode_length
@@ -233,16 +180,10 @@ class Collector:
 # ==== Advantages: GAE (Schulman et al. 2016; PPO paper eq. 11-12) =================================
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation along time, vectorised over envs.
-    rewards, values, dones: [T, N]; last_value: [N], V(obs after the last step), each env its own
-    (the post averaged one over all envs). Returns (advantages, returns = advantages + values) [T, N].
-    - dones[t] = 1 iff the episode ended *at* step t. CleanRL's dones[t] means "ended *before* step
-      t" (its loop reads dones[t + 1]): mixing the two shifts every cut by one step.
-    - rewards[t] already holds a truncated episode's bootstrap, + gamma * V(final obs) (Collector
-      adds it): the cut at dones[t] would otherwise treat a time limit as failure.
-    - Autoreset steps get meaningless advantages, cut off from the episode before: mask them out of
-      the update (Rollout.valid). Copy alone; imports: torch.
-    """
+    """rewards, values, dones [T, N], last_value [N] -> (advantages, returns = advantages + values) [T, N].
+    dones[t] = 1 iff the episode ended *at* t (CleanRL's: *before* t; mixing them shifts every cut by a
+    step). A truncation's bootstrap, gamma * V(final obs), must already be in rewards (Collector adds
+    it). last_value bootstraps each env from its own value (the post averaged one over all envs)."""
     advantages = torch.zeros_like(rewards)
     gae, next_value = torch.zeros_like(last_value), last_value
     for t in reversed(range(len(rewards))):
@@ -255,195 +196,133 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 # ==== Losses ======================================================================================
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of x [B] over mask [B] (bool; None = all), 0 if the mask is empty. torch.where, not a
-    product: a NaN where the mask is False stays out of the value. Copy alone; imports: torch."""
-    if mask is None:
-        return x.mean()
-    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
-
-
-def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
-                           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """-L^CLIP, eq. (7): -mean(min(r A, clip(r, 1-eps, 1+eps) A)) over `mask` (default all), r = pi/pi_old
-    [B], advantages [B]. The min makes it a pessimistic bound: for A > 0 the ratio's gain stops at 1+eps,
-    for A < 0 at 1-eps, and those clipped samples get no gradient. Copy with masked_mean; imports: torch."""
+def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """-L^CLIP, eq. (7), of ratios r = pi / pi_old and advantages [M]. The min is a pessimistic bound:
+    past 1 + eps (A > 0) or 1 - eps (A < 0) a sample gains nothing and gets no gradient."""
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    return -masked_mean(torch.min(unclipped, clipped), mask)
+    return -torch.min(unclipped, clipped).mean()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               clip_eps: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L^VF = 0.5 * mean((v - R)^2) over `mask` (default all), inputs [B]; with clip_eps, as the
-    baselines code: 0.5 * mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)). Copy with
-    masked_mean; imports: torch."""
+               clip_eps: float | None) -> torch.Tensor:
+    """L^VF = 0.5 mean((V - R)^2) over [M]; with clip_eps, the baselines' pessimistic clip of V around V_old."""
     unclipped = (values - returns) ** 2
     if clip_eps is None:
-        return 0.5 * masked_mean(unclipped, mask)
+        return 0.5 * unclipped.mean()
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
-    return 0.5 * masked_mean(torch.max(unclipped, (values_clipped - returns) ** 2), mask)
+    return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
 
 
-def approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(pi_old || pi) as mean((r - 1) - log r) over `mask`, log r = log pi - log pi_old [B] on samples
-    from pi_old: the unbiased, never negative "k3" estimator (J. Schulman, "Approximating KL
-    Divergence", 2020). Copy with masked_mean; imports: torch."""
-    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi) from log r [M] on samples of pi_old: mean((r - 1) - log r), unbiased and never
+    negative (Schulman, "Approximating KL Divergence", 2020)."""
+    return (torch.exp(log_ratio) - 1 - log_ratio).mean()
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - Var(target - predicted) / Var(target) over `mask` [B] (default all), a 0-dim tensor: 1 =
-    a perfect critic, <= 0 no better than a constant, NaN for a constant target or a single sample.
-    Copy with masked_mean; imports: math, torch."""
-
-    def variance(x):  # biased: the 1/n cancels in the ratio
-        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-    var_target = variance(target)
-    return torch.where(var_target == 0, math.nan, 1 - variance(target - predicted) / var_target)
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target) of [B]: 1 perfect, <= 0 no better than a constant, NaN if constant."""
+    var_target = target.var(correction=0)
+    return torch.where(var_target == 0, math.nan, 1 - (target - predicted).var(correction=0) / var_target)
 
 
 # ==== PPO update ==================================================================================
 def lr_at(iteration: int, num_iterations: int, lr: float, anneal: bool) -> float:
-    """Linear decay from lr towards 0 when annealing, else constant. Copy alone."""
+    """Linear decay from lr towards 0 when annealing, else constant."""
     return lr * (1 - iteration / num_iterations) if anneal else lr
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Sets every param group's learning rate. Copy alone; imports: torch."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def entropy_coef_at(iteration: int, num_iterations: int, initial: float, floor: float) -> float:
-    """The post's annealing: explore early, exploit late. Copy alone."""
+    """The post's annealing: explore early, exploit late."""
     return max(floor, initial * (1 - iteration / num_iterations))
 
 
-def weighted_mean(rows: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
-    """The mean over all samples of the rows' `key`, each a minibatch's mean weighted by its `count`.
-    rows: one or more dicts of 0-dim tensors. Copy alone; imports: torch."""
-    values, counts = (torch.stack([row[k] for row in rows]) for k in (key, "count"))
-    return (values * counts).sum() / counts.sum().clamp(min=1)
-
-
 def minibatch_loss(net: nn.Module, obs: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor,
-                   old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, valid: torch.Tensor,
-                   *, clip_eps: float, value_clip_eps: float | None, value_coef: float,
-                   entropy_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. (9) on one minibatch: loss = -L^CLIP + c1 L^VF - c2 H, each a mean over the valid samples.
-    net: obs [..., D] -> (logits [..., A], values [...]); obs [M, D], the rest [M], valid [M] bool.
-    Returns (loss, stats: policy_loss, value_loss, entropy, approx_kl, clip_fraction, detached).
-    Copy with logprobs_of, entropy_of, masked_mean, clipped_surrogate_loss, value_loss and approx_kl;
-    imports: torch, torch.nn as nn, torch.nn.functional as F.
-    """
+                   old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, *, clip_eps: float,
+                   value_clip_eps: float | None, value_coef: float, entropy_coef: float) -> tuple[torch.Tensor, dict]:
+    """Eq. (9), negated to minimise: loss = -L^CLIP + c1 L^VF - c2 H, on obs [M, D] and the rest [M].
+    Returns (loss, detached stats). Needs: clipped_surrogate_loss, value_loss, approx_kl."""
     logits, values = net(obs)
-    log_ratio = logprobs_of(logits, actions) - old_logprobs
-    ratio = torch.exp(log_ratio)  # r = pi / pi_old
-    policy_loss = clipped_surrogate_loss(ratio, advantages, clip_eps, valid)
-    v_loss = value_loss(values, old_values, returns, value_clip_eps, valid)
-    entropy = masked_mean(entropy_of(logits), valid)
+    policy = Categorical(logits=logits, validate_args=False)
+    log_ratio = policy.log_prob(actions) - old_logprobs
+    ratio = torch.exp(log_ratio)
+    policy_loss = clipped_surrogate_loss(ratio, advantages, clip_eps)
+    v_loss = value_loss(values, old_values, returns, value_clip_eps)
+    entropy = policy.entropy().mean()
     loss = policy_loss + value_coef * v_loss - entropy_coef * entropy
     with torch.no_grad():
-        stats = dict(policy_loss=policy_loss.detach(), value_loss=v_loss.detach(), entropy=entropy.detach(),
-                     approx_kl=approx_kl(log_ratio, valid),
-                     clip_fraction=masked_mean(((ratio - 1).abs() > clip_eps).float(), valid))
-    return loss, stats
+        stats = dict(policy_loss=policy_loss, value_loss=v_loss, entropy=entropy, loss=loss,
+                     approx_kl=approx_kl(log_ratio), clip_fraction=((ratio - 1).abs() > clip_eps).float().mean())
+    return loss, {name: value.detach() for name, value in stats.items()}
 
 
-def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               advantages: torch.Tensor, returns: torch.Tensor, *, update_epochs: int,
-               minibatch_size: int, clip_eps: float, value_clip_eps: float | None,
-               entropy_coef: float, value_coef: float, max_grad_norm: float = 0.0,
-               target_kl: float | None = None, normalize_advantages: bool = False,
-               generator: torch.Generator | None = None) -> dict:
-    """K epochs of shuffled minibatch SGD on one rollout, actor and critic together through the shared
-    trunk (Algorithm 1). advantages, returns: [T, N] from compute_gae; minibatch_size divides T * N;
-    value_clip_eps None: no value clip; max_grad_norm 0: no clipping; target_kl: once a minibatch's
-    approx KL (before its step) exceeds it, that step and the rest of the update are skipped. The
-    autoreset steps (rollout.valid 0) stay in, so every minibatch has minibatch_size steps, but weigh
-    0 in every mean, their inputs zeroed (0 * NaN is NaN). Returns floats, means over the valid
-    samples of the minibatches stepped: policy_loss, value_loss, entropy, `loss` (eq. 9's total),
-    clip_fraction, grad_norm (before clipping), approx_kl (a KL stop's too, as SB3 logs it); then
-    explained_variance of V_old, epochs completed, minibatches stepped, and nonfinite: which of
-    "loss", "gradient norm", "parameters" went NaN or infinite. Copy with Rollout, minibatch_loss
-    (and what it travels with), weighted_mean and explained_variance; imports: dataclasses.dataclass,
-    math, torch, torch.nn as nn, torch.nn.functional as F.
-    """
-    valid = rollout.valid.flatten() > 0  # [T, N] -> [T*N] bool
-    batch_size = len(valid)
-    if batch_size % minibatch_size:
-        raise ValueError(f"minibatch_size {minibatch_size} does not divide the rollout's {batch_size} steps")
-    # Off by default: once solved, the advantages are ~30x smaller, mostly noise; scaled to std 1 they
-    # make every update full-size (docs/long-run.md).
-    b_advantages = advantages.flatten()
-    if normalize_advantages:  # (one sample has no spread to scale by: left as it is)
-        count, mean = valid.sum(), masked_mean(b_advantages, valid)
-        std = torch.sqrt(masked_mean((b_advantages - mean) ** 2, valid) * count / (count - 1))  # unbiased
-        b_advantages = torch.where(count > 1, (b_advantages - mean) / (std + 1e-8), b_advantages)
-    b_obs = torch.where(valid.unsqueeze(1), rollout.obs.flatten(0, 1), 0)  # [T, N, D] -> [T*N, D]
-    b_actions, b_logprobs, b_values, b_returns, b_advantages = (
-        torch.where(valid, x.flatten(), 0) for x in
-        (rollout.actions, rollout.logprobs, rollout.values, returns, b_advantages))
-    batch = (b_obs, b_actions, b_logprobs, b_values, b_advantages, b_returns, valid)
+def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, advantages: torch.Tensor,
+               returns: torch.Tensor, *, update_epochs: int, minibatch_size: int, clip_eps: float,
+               value_clip_eps: float | None, value_coef: float, entropy_coef: float, max_grad_norm: float = 0.0,
+               target_kl: float | None = None, normalize_advantages: bool = False) -> dict:
+    """Algorithm 1's update: K epochs of shuffled minibatches (torch's RNG; the last may be smaller), actor
+    and critic together, on advantages and returns [T, N] from compute_gae. max_grad_norm 0: no clip; target_kl:
+    SB3's stop, before the step of the first minibatch whose KL exceeds it. Returns floats: the means over the
+    minibatches stepped (approx_kl's with the stopped one), explained_variance of V_old, epochs completed,
+    minibatches stepped. Needs: Rollout, minibatch_loss, explained_variance."""
+    kept = rollout.valid.flatten().nonzero().squeeze(1)  # the autoreset steps are not experience: dropped here
+    b_obs = rollout.obs.flatten(0, 1)[kept]  # [T, N, D] -> [B, D]
+    b_actions, b_logprobs, b_values, b_advantages, b_returns = (
+        x.flatten()[kept] for x in (rollout.actions, rollout.logprobs, rollout.values, advantages, returns))
+    if normalize_advantages and len(b_advantages) > 1:
+        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
-    stepped, stopped = [], []  # per minibatch, its stats: those stepped, and the one a KL stop skipped
+    stepped, kl_stop, epochs = [], None, 0
     for _ in range(update_epochs):
-        # A fresh shuffle each epoch, cut into minibatches: [T*N] -> [T*N / M, M]
-        for indices in torch.randperm(batch_size, device=valid.device, generator=generator).view(-1, minibatch_size):
-            loss, stats = minibatch_loss(net, *(x[indices] for x in batch), clip_eps=clip_eps,
-                                         value_clip_eps=value_clip_eps, value_coef=value_coef,
-                                         entropy_coef=entropy_coef)
-            stats["count"] = valid[indices].sum()
-            if target_kl is not None and stats["approx_kl"].item() > target_kl:
-                stopped.append(stats)  # this step would push the policy too far from pi_old
+        order = torch.randperm(len(b_obs), device=b_obs.device)
+        for start in range(0, len(b_obs), minibatch_size):
+            indices = order[start:start + minibatch_size]
+            loss, stats = minibatch_loss(
+                net, b_obs[indices], b_actions[indices], b_logprobs[indices], b_values[indices], b_advantages[indices],
+                b_returns[indices], clip_eps=clip_eps, value_clip_eps=value_clip_eps, value_coef=value_coef,
+                entropy_coef=entropy_coef)
+            if target_kl is not None and stats["approx_kl"] > target_kl:
+                kl_stop = stats  # this step would take pi too far from pi_old: end the update here
                 break
             optimizer.zero_grad()
             loss.backward()
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)  # inf: measure
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)
             optimizer.step()
-            stepped.append(dict(stats, loss=loss.detach()))
-        else:
-            continue
-        break  # a KL stop ends the rest of *this* update; the next rollout updates again
+            stepped.append(stats)
+        if kl_stop is not None:
+            break
+        epochs += 1
 
-    means = {key: weighted_mean(stepped, key) if stepped else torch.zeros((), device=valid.device)  # a KL stop
-             for key in ("policy_loss", "value_loss", "entropy", "loss", "clip_fraction", "grad_norm")}
-    means.update(approx_kl=weighted_mean(stepped + stopped, "approx_kl"),
-                 explained_variance=explained_variance(b_values, b_returns, valid),
-                 finite_parameters=torch.stack([p.isfinite().all() for p in net.parameters()]).all().float())
-    stats = dict(zip(means, torch.stack(list(means.values())).tolist()))  # the update's one host read
-    # A NaN or inf in any minibatch's loss or gradient norm leaves their mean non-finite too.
-    nonfinite = [name for name, ok in (("loss", math.isfinite(stats["loss"])), ("gradient norm",
-                 math.isfinite(stats["grad_norm"])), ("parameters", stats.pop("finite_parameters"))) if not ok]
-    return dict(stats, epochs=len(stepped) // (batch_size // minibatch_size), minibatches=len(stepped),
-                nonfinite=nonfinite)
+    def mean(key: str, rows: list[dict] = stepped) -> float:
+        return torch.stack([row[key] for row in rows]).mean().item() if rows else 0.0
+    return dict(policy_loss=mean("policy_loss"), value_loss=mean("value_loss"), entropy=mean("entropy"),
+                loss=mean("loss"), clip_fraction=mean("clip_fraction"), grad_norm=mean("grad_norm"),
+                approx_kl=mean("approx_kl", stepped + [kl_stop] if kl_stop else stepped),
+                explained_variance=explained_variance(b_values, b_returns).item(),
+                epochs=epochs, minibatches=len(stepped))
 
 
 # ==== The loop: collect, advantages, update =======================================================
-def ppo_iterations(config: Config, envs, net: nn.Module, generator: torch.Generator | None = None):
-    """PPO's loop (Algorithm 1): per iteration, yields (rollout, stats: ppo_update's, the lr, the
-    entropy coefficient, the seconds spent collecting and updating); logging, saving and stopping are
-    the caller's (`train`). config: a resolved Config; envs: see Collector; net: trained in place."""
-    # fused: Adam's arithmetic in one kernel a step (the CPU update ~9% faster); eps 1e-8 (CleanRL: 1e-5)
+def ppo_iterations(config: Config, envs, net: nn.Module):
+    """Algorithm 1: yields (rollout, ppo_update's stats + lr, entropy_coef, collect_ and update_seconds)
+    per iteration; the caller seeds torch, logs, saves, stops. Needs: Config, Collector, compute_gae, ppo_update."""
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)
-    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, torch.device(config.device))
+    collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, next(net.parameters()).device)
     for iteration in range(config.num_iterations):
-        lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
-        set_lr(optimizer, lr)
+        optimizer.param_groups[0]["lr"] = lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
         entropy_coef = entropy_coef_at(iteration, config.num_iterations, config.entropy_coef, config.entropy_floor)
         start = time.perf_counter()
         # 1. Collect: N envs x T steps with the current policy, pi_old.
-        rollout = collector.collect(net, config.gamma, generator)
+        rollout = collector.collect(net, config.gamma)
         collected = time.perf_counter()
         # 2. Advantages: GAE along time, per env.
         advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
                                           config.gamma, config.gae_lambda)
-        # 3. Update: K epochs of minibatch SGD on the clipped surrogate, the value loss and the entropy bonus.
+        # 3. Update: K epochs of minibatch steps on the clipped surrogate, the value loss and the entropy bonus.
         stats = ppo_update(net, optimizer, rollout, advantages, returns, update_epochs=config.update_epochs,
-                           minibatch_size=config.minibatch_size, clip_eps=config.clip_eps, value_coef=config.value_coef,
-                           value_clip_eps=config.value_clip_eps, entropy_coef=entropy_coef, generator=generator,
-                           max_grad_norm=config.max_grad_norm, target_kl=config.target_kl,
+                           minibatch_size=config.minibatch_size, clip_eps=config.clip_eps,
+                           value_clip_eps=config.value_clip_eps, value_coef=config.value_coef,
+                           entropy_coef=entropy_coef, max_grad_norm=config.max_grad_norm, target_kl=config.target_kl,
                            normalize_advantages=config.normalize_advantages)
         yield rollout, dict(stats, lr=lr, entropy_coef=entropy_coef, collect_seconds=collected - start,
                             update_seconds=time.perf_counter() - collected)
@@ -578,14 +457,40 @@ class TorchCartPole:
 
 
 # ==== The command line: flags, resolve, validation ================================================
+@dataclass(frozen=True)
+class RunConfig:
+    """The run's settings, around PPO's (Config): the envs' backend, tracking and best.pt, the device,
+    files and greedy play. Each a flag of the same name, as Config's; parse_args builds both."""
+
+    env_backend: str = option("auto", "torch: CartPole-v1 in torch on --device; auto: torch on CUDA, else gymnasium",
+                              choices=("auto", "gymnasium", "torch"))
+    vectorization_mode: str = option("auto", "the env's native vector env (vector_entry_point) or SyncVectorEnv; "
+                                     "auto: the first if there is one", choices=("auto", "sync", "vector_entry_point"))
+    ema_alpha: float = option(0.1, "weight of the newest episode in the EMA of returns", allowed="(0, 1]")
+    target_return: float | None = option(None, "'solved' bar for the mean of the last 100 returns "
+                                         "(default: the env's reward_threshold, 475 for CartPole-v1)")
+    stop_when_solved: bool = option(False, "end training once solved and best.pt plays the target greedily")
+    confirm_episodes: int = option(50, "greedy episodes that confirm a best.pt candidate (0 = the EMA alone)",
+                                   allowed="[0, 10000]")
+    device: str = option("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
+    threads: int = option(1, "torch CPU threads, at most this machine's cores")
+    out_dir: str | None = option(None, "run folder (default: a fresh runs/<env>__seed<seed>__<time>)")
+    plot: bool = option(True, "write training.png")
+    gif: bool = option(True, "write agent.gif")
+    eval: str | None = option(None, "play this checkpoint greedily, write its GIF, no training", metavar="CHECKPOINT")
+    eval_episodes: int = option(10, "greedy episodes of the final evaluation", allowed="[1, 10000]")
+
+
 def flag_name(field: str) -> str:
-    """A Config field's flag: num_envs -> --num-envs."""
+    """A config field's flag: num_envs -> --num-envs."""
     return "--" + field.replace("_", "-")
 
 
-# Each backend's sizes, for the size flags left out (None in Config: an explicit default could not tell
-# "left out" from "given"). On a GPU, thousands of TorchCartPoles cost what eight do (docs/torch-backend.md).
-BACKEND_SIZES = {"gymnasium": {"num_envs": 32, "buffer_size": 1024, "minibatch_size": 256},
+# Each backend's sizes: Config's are the gymnasium backend's; the command line gives the torch backend
+# its own for the size flags left out. On a GPU, thousands of TorchCartPoles cost what eight do
+# (docs/torch-backend.md).
+SIZES = ("num_envs", "buffer_size", "minibatch_size")
+BACKEND_SIZES = {"gymnasium": {name: getattr(Config, name) for name in SIZES},
                  "torch": {"num_envs": 1024, "buffer_size": 16384, "minibatch_size": 2048}}
 
 
@@ -631,65 +536,70 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     return gym.spec(name)
 
 
-def resolve(config: Config) -> Config:
-    """The Config a run uses, every derived value settled here (a resolved Config comes back unchanged):
-    the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation mode is
-    asked for); the backend's sizes where None. Training only: the env's
-    reward_threshold as target_return where None. (out_dir None: RunLog makes a fresh folder.)
-    """
-    device = resolve_device(config.device)
-    backend = config.env_backend
+def resolve(run: RunConfig, env_id: str) -> RunConfig:
+    """The RunConfig a run of env_id uses, every derived value settled here (a resolved one comes back
+    unchanged): the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation
+    mode is asked for); training only: the env's reward_threshold as target_return where None.
+    (out_dir None: RunLog makes a fresh folder.)"""
+    device = resolve_device(run.device)
+    backend = run.env_backend
     if backend == "auto":
-        on_device = device.type == "cuda" and config.env_id == "CartPole-v1" and config.vectorization_mode == "auto"
+        on_device = device.type == "cuda" and env_id == "CartPole-v1" and run.vectorization_mode == "auto"
         backend = "torch" if on_device else "gymnasium"
-    sizes = {name: value for name, value in BACKEND_SIZES[backend].items() if getattr(config, name) is None}
-    resolved = dataclasses.replace(config, device=device.type, env_backend=backend, **sizes)
-    if config.eval is not None:  # --eval reads the env from the checkpoint and writes beside it
+    resolved = dataclasses.replace(run, device=device.type, env_backend=backend)
+    if run.eval is not None:  # --eval reads the env from the checkpoint and writes beside it
         return resolved
-    target_return = config.target_return
+    target_return = run.target_return
     if target_return is None:
-        target_return = env_spec(config.env_id).reward_threshold
+        target_return = env_spec(env_id).reward_threshold
     return dataclasses.replace(resolved, target_return=None if target_return is None else float(target_return))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Config field, named after it (`num_envs` -> `--num-envs`), with its help and
-    default (a size's from BACKEND_SIZES); a bool field gets --flag / --no-flag."""
+    """One flag per field of Config, then of RunConfig, named after it (`num_envs` -> `--num-envs`),
+    with its help and default; a size's default is None, for parse_args to fill in by backend; a bool
+    field gets --flag / --no-flag."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [options]  (all of them: --help)",  # one line above an error, not all the flags
         description="PPO for gymnasium's CartPole-v1, in one readable file.",
         epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
-    types = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
-        flag = dict(field.metadata)
-        names = [flag_name(field.name), *flag.pop("aliases", ())]
-        kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
-        if field.name in BACKEND_SIZES["gymnasium"]:
-            flag["help"] += " (default: {}; torch backend: {})".format(*(BACKEND_SIZES[b][field.name]
-                                                                          for b in ("gymnasium", "torch")))
-        elif field.default is not None:
-            flag["help"] += f" (default: {field.default})"
-        if "allowed" in flag:
-            flag["help"] += f" (allowed: {flag.pop('allowed')})"
-        if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default, **flag)
-        else:
-            parser.add_argument(*names, type=kind, default=field.default, **flag)
+    for config_class in (Config, RunConfig):
+        types = typing.get_type_hints(config_class)
+        for field in dataclasses.fields(config_class):
+            flag = dict(field.metadata)
+            names = [flag_name(field.name), *flag.pop("aliases", ())]
+            kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
+            default = None if field.name in SIZES else field.default
+            if field.name in SIZES:
+                flag["help"] += " (default: {}; torch backend: {})".format(*(BACKEND_SIZES[b][field.name]
+                                                                              for b in ("gymnasium", "torch")))
+            elif field.default is not None:
+                flag["help"] += f" (default: {field.default})"
+            if "allowed" in flag:
+                flag["help"] += f" (allowed: {flag.pop('allowed')})"
+            if kind is bool:
+                parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, **flag)
+            else:
+                parser.add_argument(*names, type=kind, default=default, **flag)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """argv -> a resolved, checked Config, its run folder (or runs/) proved writable. argparse's own
-    errors (an unknown flag, a value of the wrong type) exit 2 there; a value out of range raises UsageError."""
-    config = Config(**vars(build_parser().parse_args(argv)))
-    require(config.device != "cuda" or torch.cuda.is_available(), "--device",
+def parse_args(argv: list[str] | None = None) -> tuple[Config, RunConfig]:
+    """argv -> (Config, RunConfig), resolved and checked, the run folder (or runs/) proved writable;
+    the size flags left out are the backend's (BACKEND_SIZES). argparse's own errors (an unknown flag,
+    a value of the wrong type) exit 2 there; a value out of range raises UsageError."""
+    args = vars(build_parser().parse_args(argv))
+    run = RunConfig(**{field.name: args.pop(field.name) for field in dataclasses.fields(RunConfig)})
+    require(run.device != "cuda" or torch.cuda.is_available(), "--device",
             "auto or cpu: CUDA is not available on this machine")
-    if config.eval is None:  # before resolve, which reads the env's spec (--eval trains nothing)
-        check_env(config)
-    config = resolve(config)
-    check_config(config)
-    if config.eval is None or config.out_dir is not None:  # (--eval alone writes beside its checkpoint)
-        probe = Path(config.out_dir or "runs") / f".write-test-{os.getpid()}"
+    if run.eval is None:  # before resolve, which reads the env's spec (--eval trains nothing)
+        check_env(args["env_id"], run)
+    run = resolve(run, args["env_id"])
+    sizes = BACKEND_SIZES[run.env_backend]
+    config = Config(**{name: sizes[name] if value is None and name in SIZES else value for name, value in args.items()})
+    check_config(config, run)
+    if run.eval is None or run.out_dir is not None:  # (--eval alone writes beside its checkpoint)
+        probe = Path(run.out_dir or "runs") / f".write-test-{os.getpid()}"
         made = [folder for folder in probe.parents if not folder.exists()]  # deepest first
         try:  # the proof that the run folder can be made and written to: do it
             probe.parent.mkdir(parents=True, exist_ok=True)
@@ -701,26 +611,26 @@ def parse_args(argv: list[str] | None = None) -> Config:
                     folder.rmdir()
             require(False, "--out-dir", f"a folder that can be made and written to ({probe.parent}: "
                     f"{exc.strerror or exc})")
-    return config
+    return config, run
 
 
-def check_env(config: Config) -> None:
+def check_env(env_id: str, run: RunConfig) -> None:
     """Make the env once to check what PPO here relies on."""
     try:
-        spec = env_spec(config.env_id)
-        env = gym.make(config.env_id)
+        spec = env_spec(env_id)
+        env = gym.make(env_id)
     except Exception as exc:  # unknown id, missing dependency: the user's mistake, not a bug
-        raise UsageError("--env-id", f"must be an env gymnasium can make: {config.env_id!r}: {exc}") from None
+        raise UsageError("--env-id", f"must be an env gymnasium can make: {env_id!r}: {exc}") from None
     action_space, observation_space = env.action_space, env.observation_space
     env.close()
     require(isinstance(action_space, gym.spaces.Discrete), "--env-id",
-            f"an env with a Discrete action space ({config.env_id} has {action_space})")
+            f"an env with a Discrete action space ({env_id} has {action_space})")
     require(isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1,
-            "--env-id", f"an env with a flat Box observation ({config.env_id} has {observation_space})")
-    require(config.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
-            "--vectorization-mode", f"'sync' or 'auto' for {config.env_id}, which has no vector_entry_point")
-    require(config.target_return is not None or spec.reward_threshold is not None, "--target-return",
-            f"given for {config.env_id}, which has no reward_threshold")
+            "--env-id", f"an env with a flat Box observation ({env_id} has {observation_space})")
+    require(run.vectorization_mode != "vector_entry_point" or spec.vector_entry_point is not None,
+            "--vectorization-mode", f"'sync' or 'auto' for {env_id}, which has no vector_entry_point")
+    require(run.target_return is not None or spec.reward_threshold is not None, "--target-return",
+            f"given for {env_id}, which has no reward_threshold")
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -730,31 +640,32 @@ def in_interval(value: float, interval: str) -> bool:
     return above and (value < high if interval[-1] == ")" else value <= high)
 
 
-def check_config(c: Config) -> None:
-    """Every value of a resolved Config in its range (nan and inf never train; at the sizes' upper
-    bounds a CartPole rollout and its update take about 3 GB) and a run folder without an earlier run."""
-    for field in dataclasses.fields(Config):
-        value, allowed = getattr(c, field.name), field.metadata.get("allowed")
-        flag = "/".join([flag_name(field.name), *field.metadata.get("aliases", ())])
-        if isinstance(value, float):  # what torch computes in: a finite float32
-            require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")
-        if allowed and value is not None:
-            require(in_interval(value, allowed), flag, f"in {allowed}, got {value}")
-    if c.env_backend == "torch":
+def check_config(c: Config, run: RunConfig) -> None:
+    """Every value of a Config and a resolved RunConfig in its range (nan and inf never train; at the
+    sizes' upper bounds a CartPole rollout and its update take about 3 GB) and a run folder without an
+    earlier run."""
+    for config in (c, run):
+        for field in dataclasses.fields(config):
+            value, allowed = getattr(config, field.name), field.metadata.get("allowed")
+            flag = "/".join([flag_name(field.name), *field.metadata.get("aliases", ())])
+            if isinstance(value, float):  # what torch computes in: a finite float32
+                require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")
+            if allowed and value is not None:
+                require(in_interval(value, allowed), flag, f"in {allowed}, got {value}")
+    if run.env_backend == "torch":
         require(c.env_id == "CartPole-v1", "--env-backend",
                 f"gymnasium or auto for {c.env_id}: the torch backend is CartPole-v1 only")
-        require(c.vectorization_mode == "auto", "--vectorization-mode",
+        require(run.vectorization_mode == "auto", "--vectorization-mode",
                 "left out with --env-backend torch, which steps its own vectorised CartPole")
     # T >= 2: a rollout of T = 1 can be all autoreset steps, which leaves nothing to learn from
     require(c.buffer_size >= 2 * c.num_envs and c.buffer_size % c.num_envs == 0, "--buffer-size",
             f"a multiple of --num-envs ({c.num_envs}), 2 steps per env or more, got {c.buffer_size}")
-    # Every minibatch the same size, so a GPU can replay the update's steps (ppo_update)
-    require(0 < c.minibatch_size <= c.buffer_size and c.buffer_size % c.minibatch_size == 0, "--minibatch-size",
-            f"a divisor of --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
+    require(c.minibatch_size <= c.buffer_size, "--minibatch-size",
+            f"at most --buffer-size ({c.buffer_size}), got {c.minibatch_size}")
     cores = os.cpu_count() or 1
-    require(0 < c.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {c.threads}")
-    if c.eval is None and c.out_dir is not None:  # early, before training; claim_run_folder checks again
-        require_no_earlier_run(Path(c.out_dir))
+    require(0 < run.threads <= cores, "--threads", f"in [1, {cores}] (this machine's cores), got {run.threads}")
+    if run.eval is None and run.out_dir is not None:  # early, before training; claim_run_folder checks again
+        require_no_earlier_run(Path(run.out_dir))
 
 
 # ==== Files: atomic writes and checkpoints ========================================================
@@ -832,9 +743,10 @@ def append_whole(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, net: ActorCritic, config: dict) -> None:
-    """Write {state_dict, model sizes, config} atomically; config holds only str/int/float/bool/None."""
+    """Write {state_dict, model sizes, config} atomically; config holds only str/int/float/bool/None
+    (plain ints, not numpy's: torch.load(weights_only=True) reads them)."""
     checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "config": config,
-                  "model": {"obs_dim": net.obs_dim, "act_dim": net.act_dim, "hidden": net.hidden}}
+                  "model": {"obs_dim": int(net.obs_dim), "act_dim": int(net.act_dim), "hidden": int(net.hidden)}}
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -956,12 +868,13 @@ def finished_episodes(rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndar
 class RunLog:
     """episodes.csv and metrics.csv, a row per episode and per iteration, appended as they come (each
     file whole after every iteration); the returns in them (a ReturnTracker); the progress bar's
-    numbers and the time spent collecting and updating. config: a resolved Config."""
+    numbers and the time spent collecting and updating. run: a resolved RunConfig; `self.run` names
+    the run folder."""
 
-    def __init__(self, config: Config):
-        self.out_dir, self.start = claim_run_folder(config.out_dir, config.env_id, config.seed), time.perf_counter()
-        self.config = config = dataclasses.replace(config, out_dir=str(self.out_dir))
-        self.tracker = ReturnTracker(config.ema_alpha, config.target_return)
+    def __init__(self, config: Config, run: RunConfig):
+        self.out_dir, self.start = claim_run_folder(run.out_dir, config.env_id, config.seed), time.perf_counter()
+        self.config, self.run = config, dataclasses.replace(run, out_dir=str(self.out_dir))
+        self.tracker = ReturnTracker(run.ema_alpha, run.target_return)
         self.seconds = {"collect": 0.0, "update": 0.0}
         self.fields = {"episodes": EPISODE_FIELDS, "metrics": METRIC_FIELDS}
         self.rows: dict[str, list[dict]] = {name: [] for name in self.fields}  # as in episodes.csv and metrics.csv
@@ -971,10 +884,10 @@ class RunLog:
             atomic_write(self.out_dir / f"{name}.csv", lambda f: f.write(header.getvalue().encode()))
         self.env_steps, self.progress = 0, {}
         self.solved_at_seconds = self.solved_at_iteration = None
-        settings = "torch backend" if config.env_backend == "torch" else f"{config.vectorization_mode} vector env"
-        print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {config.device}, {settings}, "
+        settings = "torch backend" if run.env_backend == "torch" else f"{run.vectorization_mode} vector env"
+        print(f"ppo_cartpole: {config.env_id} x{config.num_envs} on {run.device}, {settings}, "
               f"{config.num_iterations} iterations of {config.buffer_size} steps"
-              f"{' at most: stops once solved' if config.stop_when_solved else ''} -> {self.out_dir}", flush=True)
+              f"{' at most: stops once solved' if run.stop_when_solved else ''} -> {self.out_dir}", flush=True)
 
     def write(self, name: str, rows: list[dict]) -> None:
         """Appends the rows to name.csv, whole or not at all, and keeps them."""
@@ -1217,7 +1130,7 @@ class OutOfMemory(RunStopped):
     """Memory ran out: torch's allocator (CPU or CUDA), numpy's or Python's MemoryError."""
 
 
-def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
+def out_of_memory(exc: Exception, config: Config, run: RunConfig) -> OutOfMemory | None:
     """exc as one line, if it is memory running out: how much was asked, where its message says, and
     the flags that size the run, with their values. None for any other error."""
     import re
@@ -1233,7 +1146,8 @@ def out_of_memory(exc: Exception, config: Config) -> OutOfMemory | None:
             mib = int(number) / 2**20
             number, unit = (f"{mib / 1024:.2f}", "GiB") if mib >= 1024 else (f"{mib:.1f}", "MiB")
         asked = f" (asked for {number} {unit})"
-    sizes = ", ".join(f"{flag_name(name)} {getattr(config, name)}" for name in SIZE_FLAGS)
+    settings = dataclasses.asdict(config) | dataclasses.asdict(run)
+    sizes = ", ".join(f"{flag_name(name)} {settings[name]}" for name in SIZE_FLAGS)
     return OutOfMemory(f"memory ran out{asked}; lower what sizes the run: {sizes}")
 
 
@@ -1357,7 +1271,8 @@ def diagnose(rows: list[dict]) -> list[str]:
     return []
 
 
-def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, ending: Ending) -> dict:
+def finish_run(config: Config, run: RunConfig, log: RunLog, best: BestPolicy, net: ActorCritic,
+               ending: Ending) -> dict:
     """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
     evaluation, summary.json, the plot and the GIF; returns the summary. A run cut short (a signal, an
     error) plays no greedy episode: no candidate check, no evaluation, no GIF, so that it ends within
@@ -1377,7 +1292,7 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
         try:
             return step()
         except Exception as exc:
-            exc = out_of_memory(exc, config) or exc
+            exc = out_of_memory(exc, config, run) or exc
             print(f"skipped {what}: {describe(exc)}", file=sys.stderr)
             ending.cleanup_failures.append(exc)
 
@@ -1397,9 +1312,9 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
         attempt("final.pt", lambda: save_checkpoint(out_dir / "final.pt", net, best.config))
         if not ending.cut_short:
             attempt("best.pt's last check", lambda: best.consider(net, tracker.ema, always=True))
-    best_net = attempt("best.pt", lambda: load_agent(out_dir / "best.pt", config.device)[0]) \
+    best_net = attempt("best.pt", lambda: load_agent(out_dir / "best.pt", run.device)[0]) \
         if (out_dir / "best.pt").exists() else None  # (none: diverged before any save)
-    returns = attempt("the evaluation", lambda: evaluate(best_net, config.env_id, config.eval_episodes,
+    returns = attempt("the evaluation", lambda: evaluate(best_net, config.env_id, run.eval_episodes,
                                                          config.seed + EVAL_SEED_OFFSET)) \
         if best_net is not None and not ending.cut_short else None
     evaluated = returns is not None
@@ -1415,14 +1330,14 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
         update_seconds=log.seconds["update"],
         collect_steps_per_second=log.env_steps / collect_seconds if collect_seconds else None,
         confirm_seconds=best.seconds, signal=ending.signal, divergence=ending.divergence,
-        out_dir=str(out_dir), device=config.device, torch_threads=torch.get_num_threads(), versions=versions(),
+        out_dir=str(out_dir), device=run.device, torch_threads=torch.get_num_threads(), versions=versions(),
         config=best.config)
     write_summary()
     failures = len(ending.cleanup_failures)
-    if config.plot:
-        attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], config.target_return,
+    if run.plot:
+        attempt("training.png", lambda: plot_training(log.rows["episodes"], log.rows["metrics"], run.target_return,
                                                       out_dir / "training.png", tracker.solved_at_step, config.target_kl))
-    if config.gif and best_net is not None and not ending.cut_short:
+    if run.gif and best_net is not None and not ending.cut_short:
         attempt("agent.gif", lambda: render_gif(best_net, config.env_id, out_dir / "agent.gif",
                                                 seed=config.seed + EVAL_SEED_OFFSET))
     if len(ending.cleanup_failures) > failures and (out_dir / "summary.json").exists():
@@ -1430,7 +1345,7 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
     settle()
     solved = (f"solved at step {tracker.solved_at_step} ({log.solved_at_seconds:.1f} s)"
               if tracker.solved_at_step is not None else "diverged" if ending.divergence else "not solved")
-    played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {config.eval_episodes} "
+    played = (f"best.pt greedy return {returns.mean():.1f} +- {returns.std():.1f} over {run.eval_episodes} "
               f"episodes" if evaluated else "best.pt not evaluated" if best_net is not None else "no best.pt")
     print(f"{solved}; {played}; {log.env_steps} steps in {seconds:.1f} s -> {out_dir}")
     for line in summary["diagnosis"]:
@@ -1438,66 +1353,75 @@ def finish_run(config: Config, log: RunLog, best: BestPolicy, net: ActorCritic, 
     return summary
 
 
-def train(config: Config) -> dict:
+def nonfinite(stats: dict, net: nn.Module) -> list[str]:
+    """Which of an update's loss, gradient norm and the parameters after it went NaN or infinite (a NaN
+    in any minibatch leaves the update's means non-finite too)."""
+    finite_parameters = bool(torch.stack([p.isfinite().all() for p in net.parameters()]).all())
+    return [name for name, finite in (("loss", math.isfinite(stats["loss"])), ("gradient norm",
+            math.isfinite(stats["grad_norm"])), ("parameters", finite_parameters)) if not finite]
+
+
+def train(config: Config, run: RunConfig = RunConfig()) -> dict:
     """Train PPO as configured (ppo_iterations), write the run folder, return the summary (also
     summary.json). Here is what a run does with each iteration: the episodes and metrics CSVs,
-    best.pt's turn, the stop. Ctrl-C (or a signal main turns into Interrupted), a NaN or infinite
-    loss, gradient norm or parameter, or any error ends the loop early; an error is raised again
-    once the files are written, unless it is a RunStopped (one line)."""
-    log = RunLog(resolve(config))  # first: it claims the run folder
-    config = log.config
-    device = torch.device(config.device)
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)  # the network's init; sampling and shuffling draw from `generator`
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    envs = make_envs(config.env_id, config.num_envs, device, config.env_backend, config.vectorization_mode)
+    best.pt's turn, the stop. The sizes are Config's as given: the torch backend wants larger ones,
+    BACKEND_SIZES["torch"], which parse_args fills in for the size flags left out. Ctrl-C (or a signal
+    main turns into Interrupted), a NaN or infinite loss, gradient norm or parameter, or any error ends
+    the loop early; an error is raised again once the files are written, unless it is a RunStopped
+    (one line)."""
+    log = RunLog(config, resolve(run, config.env_id))  # first: it claims the run folder
+    run = log.run
+    device = torch.device(run.device)
+    torch.set_num_threads(run.threads)
+    torch.manual_seed(config.seed)  # the network's init, sampling and shuffling: one seed, as CleanRL
+    envs = make_envs(config.env_id, config.num_envs, device, run.env_backend, run.vectorization_mode)
     net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
-    best = BestPolicy(log.out_dir / "best.pt", config.env_id, config.confirm_episodes,
-                      config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config))
+    best = BestPolicy(log.out_dir / "best.pt", config.env_id, run.confirm_episodes,
+                      config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config) | dataclasses.asdict(run))
     ending = Ending()
     bar = tqdm(total=config.num_iterations, desc="PPO", mininterval=0.5)
     try:
-        for iteration, (rollout, stats) in enumerate(ppo_iterations(config, envs, net, generator)):
+        for iteration, (rollout, stats) in enumerate(ppo_iterations(config, envs, net)):
             # The episodes that ended: their returns, EMA, last-100 mean, and the solve.
             ended = log.episodes(iteration, rollout)
             solved = log.tracker.solved_at_step is not None
             # best.pt's turn: a new best of the EMA, confirmed greedily; once solved, every iteration
             # until a saved policy plays the target. Never a NaN policy: best.pt keeps the last finite one.
-            saved = False
-            if stats["nonfinite"]:
-                ending.divergence = f"iteration {iteration}: the {' and '.join(stats['nonfinite'])} went NaN or infinite"
+            saved, broken = False, nonfinite(stats, net)
+            if broken:
+                ending.divergence = f"iteration {iteration}: the {' and '.join(broken)} went NaN or infinite"
                 print(f"\ndiverged at {ending.divergence}; stopping. Try a lower --lr (now {stats['lr']:g}) or "
                       f"gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
             else:
-                saved = best.consider(net, log.tracker.ema, always=solved and best.confirmed < config.target_return)
+                saved = best.consider(net, log.tracker.ema, always=solved and best.confirmed < run.target_return)
             log.metrics(iteration, stats, episodes=ended, best_confirmed_return=best.confirmed, best_saved=int(saved))
             bar.update()
             bar.set_postfix(log.progress, refresh=False)
             # Stop on divergence; or, if asked to, once solved and best.pt plays the target (or confirms nothing).
-            played = best.confirmed >= config.target_return or not config.confirm_episodes
-            if ending.divergence or (config.stop_when_solved and solved and played):
+            played = best.confirmed >= run.target_return or not run.confirm_episodes
+            if ending.divergence or (run.stop_when_solved and solved and played):
                 break
     except KeyboardInterrupt as exc:
         ending.signal = getattr(exc, "signal_name", "SIGINT")
         print(f"\n{ending.signal}: writing final.pt, metrics, plot and summary", file=sys.stderr)
     except Exception as exc:  # the env's, a full disk's, memory's, or a bug's: the files first, then the error
-        ending.error = out_of_memory(exc, config) or exc
+        ending.error = out_of_memory(exc, config, run) or exc
         print(f"\n{type(ending.error).__name__} at iteration {len(log.rows['metrics'])}: "
               "writing final.pt, metrics, plot and summary", file=sys.stderr)
     finally:
         bar.close()
         with contextlib.suppress(Exception):  # a broken env may fail to close too: its first error stands
             envs.close()
-    summary = finish_run(config, log, best, net, ending)
+    summary = finish_run(config, run, log, best, net, ending)
     if ending.error is not None and not isinstance(ending.error, RunStopped):
         raise ending.error
     return summary
 
 
 # ==== Main ========================================================================================
-def run_eval(config: Config) -> None:
+def run_eval(config: Config, run: RunConfig) -> None:
     """--eval CHECKPOINT: greedy returns, mean and std, and the agent's GIF; no training."""
-    net, checkpoint_config = load_agent(config.eval, config.device)
+    net, checkpoint_config = load_agent(run.eval, run.device)
     env_id = checkpoint_config.get("env_id") if isinstance(checkpoint_config, dict) else None
     try:
         env = gym.make(env_id)
@@ -1506,18 +1430,16 @@ def run_eval(config: Config) -> None:
     except Exception:
         fits = False
     if not fits:
-        raise UsageError("--eval", f"{config.eval}: its env {env_id!r} cannot be made or does not fit its network")
-    returns = evaluate(net, env_id, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
-    print(f"{config.eval}: {env_id}, greedy return over {config.eval_episodes} episodes: "
+        raise UsageError("--eval", f"{run.eval}: its env {env_id!r} cannot be made or does not fit its network")
+    returns = evaluate(net, env_id, run.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+    print(f"{run.eval}: {env_id}, greedy return over {run.eval_episodes} episodes: "
           f"mean {returns.mean():.1f}, std {returns.std():.1f}, min {returns.min():.0f}, max {returns.max():.0f}")
-    if config.gif:
-        out_dir = Path(config.out_dir) if config.out_dir else Path(config.eval).parent
+    if run.gif:
+        out_dir = Path(run.out_dir) if run.out_dir else Path(run.eval).parent
         out_dir.mkdir(parents=True, exist_ok=True)
-        gif_path = out_dir / f"eval_{Path(config.eval).stem}.gif"
+        gif_path = out_dir / f"eval_{Path(run.eval).stem}.gif"
         render_gif(net, env_id, gif_path, seed=config.seed + EVAL_SEED_OFFSET)
         print(f"wrote {gif_path}")
-
-
 
 
 class WriteError(RunStopped):
@@ -1600,13 +1522,13 @@ def main(argv: list[str] | None = None) -> int:
     Messages are best-effort (BestEffort): the files come first."""
     replaced, streams = catch_ending_signals(), (sys.stdout, sys.stderr)
     sys.stdout, sys.stderr = BestEffort(sys.stdout), BestEffort(sys.stderr)
-    config = None
+    config = run = None
     try:
-        config = parse_args(argv)
-        if config.eval is not None:
-            run_eval(config)
+        config, run = parse_args(argv)
+        if run.eval is not None:
+            run_eval(config, run)
             return EXIT_STATUS["done"]
-        summary = train(config)
+        summary = train(config, run)
         if summary["error"]:
             print(f"error: {summary['error']}", file=sys.stderr)
         return summary["exit_status"]
@@ -1620,7 +1542,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}: stopped; the files written so far are whole", file=sys.stderr)
         return Ending(signal=name).exit_status
     except Exception as exc:  # memory ran out before the loop (the envs, say): one line, not a traceback
-        if config is None or (memory := out_of_memory(exc, config)) is None:
+        if config is None or (memory := out_of_memory(exc, config, run)) is None:
             raise
         print(f"error: before training: {memory}", file=sys.stderr)
         return EXIT_STATUS["stopped early"]

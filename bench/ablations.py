@@ -67,13 +67,14 @@ def child(name: str, seed: int, budget: int, out_dir: str) -> None:
         import defects
 
         defects.install(patch)
-    config = ppo.parse_args([*shlex.split(flags), "--seed", str(seed), "--stop-when-solved", "--confirm-episodes", "0",
-                             "--device", "cpu", "--no-plot", "--no-gif", "--eval-episodes", "1", "--out-dir", out_dir])
+    config, run_config = ppo.parse_args([*shlex.split(flags), "--seed", str(seed), "--stop-when-solved",
+                                         "--confirm-episodes", "0", "--device", "cpu", "--no-plot", "--no-gif",
+                                         "--eval-episodes", "1", "--out-dir", out_dir])
     budget_iterations = max(1, budget // config.buffer_size)
     # The lr schedule still runs over --episodes: only the loop over them is cut short.
     real_iterations = ppo.ppo_iterations
     ppo.ppo_iterations = lambda *args: itertools.islice(real_iterations(*args), budget_iterations)
-    ppo.train(config)
+    ppo.train(config, run_config)
 
 
 def run(name: str, seed: int, budget: int, folder: Path) -> dict:

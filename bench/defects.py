@@ -19,12 +19,12 @@ class ResetEveryRollout(ppo.Collector):
     """The post's `collect_trajectory`: env.reset() at the start of every rollout, so no episode
     outlives T steps (the post: T = 256, so CartPole-v1's 500 was unreachable)."""
 
-    def collect(self, net, gamma, generator=None):
+    def collect(self, net, gamma):
         self.next_obs.copy_(self.envs.reset()[0])  # the defect: cuts every running episode
         self.prev_done.zero_()
         self.episode_return.zero_()
         self.episode_length.zero_()
-        return super().collect(net, gamma, generator)
+        return super().collect(net, gamma)
 
 
 def flat_buffer_gae(rewards, values, dones, last_value, gamma, lam):
@@ -45,8 +45,8 @@ def averaged_bootstrap_gae(rewards, values, dones, last_value, gamma, lam):
 class TruncationAsTermination(ppo.Collector):
     """The post's time limit as failure: no gamma * V(final obs) on a truncated step."""
 
-    def collect(self, net, gamma, generator=None):
-        rollout = super().collect(net, gamma, generator)
+    def collect(self, net, gamma):
+        rollout = super().collect(net, gamma)
         next_values = torch.cat([rollout.values[1:], rollout.last_value.unsqueeze(0)])  # [T, N]
         rollout.rewards -= gamma * next_values * self.truncated_only  # the defect: undo the bootstrap
         return rollout
@@ -56,8 +56,8 @@ class StoreAutoresetSteps(ppo.Collector):
     """The post on gymnasium >= 1.0: the next-step autoreset steps (action ignored, reward 0,
     the reset observation) kept as real transitions: the valid mask is all ones."""
 
-    def collect(self, net, gamma, generator=None):
-        rollout = super().collect(net, gamma, generator)
+    def collect(self, net, gamma):
+        rollout = super().collect(net, gamma)
         rollout.valid.fill_(1.0)  # the defect
         return rollout
 

@@ -3,13 +3,22 @@ to Python or numpy (on a GPU, a wait for the device), made by ppo_cartpole.py's 
 
 Patched counters on torch.Tensor (item, tolist, cpu, bool/int/float conversion, nonzero,
 a boolean-mask index) and torch.nonzero count a call when its caller's frame is in the script
-(torch's own CPU-side bookkeeping, such as Adam's step counter, is not a device read). Each read
-is charged to the part of the run it happens in: the rollout (`collect`), GAE, the update
-(`ppo_update`), the log's copy of the ended episodes (`finished_episodes`), best.pt's writes
-(`save_checkpoint`: best.pt's saves and final.pt's, averaged over the iterations) or the end
-of the run (`finish`: the final evaluation, counted for the whole run); `other` is anything
-else in the script (best.pt's greedy confirmations, off here with --confirm-episodes 0). Runs on the CPU, where a read costs nothing, so the counts
-say what a GPU would wait for.
+(torch's own code is not counted: Adam's CPU-side step counter, which is no device read, nor
+anything torch.distributions does inside Categorical). Each read is charged to the part of the run
+it happens in: the rollout (`collect`), GAE, the update (`ppo_update`), train's divergence check
+after it (`nonfinite`: are the parameters finite), the log's copy of the ended episodes
+(`finished_episodes`), best.pt's writes (`save_checkpoint`: best.pt's saves and final.pt's,
+averaged over the iterations) or the end of the run (`finish_run`: the final evaluation, counted
+for the whole run); `other` is anything else in the script (best.pt's greedy confirmations, off
+here with --confirm-episodes 0). Runs on the CPU, where a read costs nothing, so the counts say
+what a GPU would wait for.
+
+The update reads its stats back at its end, one `.item()` per stat, and drops the rollout's
+autoreset steps by indexing with a boolean mask, which counts once per tensor indexed (on a GPU
+each waits to learn how many steps are kept); with --target-kl it also reads each minibatch's KL
+for the stop test. So the update's count is no longer the single read of the version before (its
+stats in one `.tolist()`, the autoreset steps kept in and masked): compare versions by running this
+on each.
 
     python bench/host_reads.py                              # this checkout's script
     python bench/host_reads.py --script /tmp/before/ppo_cartpole.py   # another version
@@ -25,7 +34,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("collect", "compute_gae", "ppo_update", "finished_episodes", "save_checkpoint", "finish")
+PARTS = ("collect", "compute_gae", "ppo_update", "nonfinite", "finished_episodes", "save_checkpoint", "finish_run")
 READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "nonzero")  # not numpy(): only after cpu()
 
 
@@ -71,13 +80,14 @@ def count_reads(ppo, argv: list[str]) -> tuple[collections.Counter, int]:
         torch.Tensor.__getitem__ = masked_getitem
         torch.nonzero = counted(real_nonzero)
         with tempfile.TemporaryDirectory() as out:
-            config = ppo.parse_args([*argv, "--out-dir", str(Path(out) / "run")])
-            summary = ppo.train(config)
+            parsed = ppo.parse_args([*argv, "--out-dir", str(Path(out) / "run")])
+            configs = parsed if isinstance(parsed, tuple) else (parsed,)  # (Config, RunConfig); once one Config
+            summary = ppo.train(*configs)
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
         torch.nonzero = real_nonzero
-    return counts, summary["iterations"] if "iterations" in summary else config.num_iterations
+    return counts, summary["iterations"] if "iterations" in summary else configs[0].num_iterations
 
 
 def main() -> None:
@@ -91,12 +101,12 @@ def main() -> None:
     cases = [("torch backend, its preset", ["--env-backend", "torch"]),
              ("torch backend, --target-kl 0.02", ["--env-backend", "torch", "--target-kl", "0.02"]),
              ("gymnasium backend, the defaults", [])]
-    print(f"host reads per iteration (finish: per run), {args.script}, {args.iterations} iterations each")
+    print(f"host reads per iteration (finish_run: per run), {args.script}, {args.iterations} iterations each")
     print("| run | " + " | ".join(PARTS) + " | other |")
     print("|---" * (len(PARTS) + 2) + "|")
     for label, flags in cases:
         counts, iterations = count_reads(ppo, common + flags)
-        cells = [f"{counts[part] / iterations:g}" for part in PARTS[:-1]] + [f"{counts['finish']} in all",
+        cells = [f"{counts[part] / iterations:g}" for part in PARTS[:-1]] + [f"{counts['finish_run']} in all",
                                                                               f"{counts['other']}"]
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 

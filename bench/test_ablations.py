@@ -23,13 +23,12 @@ from test_ppo_cartpole import gae_plain_loop, read_csv  # noqa: E402  (the textb
 def rollouts(collector_class, num_envs=3, num_steps=8, count=6, seed=0, **env_kwargs):
     """count rollouts of a random-init net on real CartPole, copied out of the collector."""
     envs = ppo.make_envs("CartPole-v1", num_envs, torch.device("cpu"), "gymnasium", "sync", **env_kwargs)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the net's init and the sampling, as train seeds them
     net = ppo.ActorCritic(4, 2)
     collector = collector_class(envs, num_steps, seed, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(seed)
     copies = []
     for _ in range(count):
-        r = collector.collect(net, 0.99, generator)
+        r = collector.collect(net, 0.99)
         copies.append(ppo.Rollout(**{k: v.clone() for k, v in vars(r).items()}))
     envs.close()
     return copies

@@ -1,10 +1,11 @@
 """`make mutate`: plant single-line bugs in PPO with mutmut and count how many the fast tests catch.
 
 The scope is the algorithm part of ppo_cartpole.py (everything above its banner) plus
-make_envs, NumpyToTorch, TorchCartPole, ReturnTracker, BestPolicy, train and its Ending, how a run
-ends: out_of_memory, describe, catch_ending_signals, BestEffort, and why it did not learn: diagnose,
-its rules (DIAGNOSES) and their helpers later_half and mean_of. A mutant that survives must be killed by a new test
-or listed in mutation/explained.md with its one-line reason (equivalent, or CUDA-only).
+make_envs, NumpyToTorch, TorchCartPole, ReturnTracker, BestPolicy, train, its divergence check
+(nonfinite) and its Ending, how a run ends: out_of_memory, describe, catch_ending_signals,
+BestEffort, and why it did not learn: diagnose, its rules (DIAGNOSES) and their helpers later_half
+and mean_of. A mutant that survives must be killed by a new test or listed in mutation/explained.md
+with its one-line reason (equivalent, or CUDA-only).
 
     python mutation/score.py            # run mutmut on the scope, then print the score
     python mutation/score.py --count    # only count the last run's results
@@ -31,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPLAINED = Path(__file__).resolve().parent / "explained.md"
 MODULE = "ppo_cartpole"
 # Not `option`: it runs only while the module is imported, before mutmut switches a mutant on.
-FUNCTIONS = ["make_envs", "layer_init", "sample_actions", "logprobs_of", "entropy_of", "compute_gae", "masked_mean",
-             "clipped_surrogate_loss", "value_loss", "approx_kl", "explained_variance", "lr_at", "set_lr",
-             "entropy_coef_at", "weighted_mean", "minibatch_loss", "ppo_update", "ppo_iterations", "train",
-             "out_of_memory", "describe", "catch_ending_signals", "later_half", "mean_of", "policy_collapsed",
-             "policy_frozen", "entropy_bonus_dominates", "horizon_too_short", "critic_not_learning", "diagnose"]
+FUNCTIONS = ["make_envs", "layer_init", "compute_gae", "clipped_surrogate_loss", "value_loss", "approx_kl",
+             "explained_variance", "lr_at", "entropy_coef_at", "minibatch_loss", "ppo_update", "ppo_iterations",
+             "nonfinite", "train", "out_of_memory", "describe", "catch_ending_signals", "later_half", "mean_of",
+             "policy_collapsed", "policy_frozen", "entropy_bonus_dominates", "horizon_too_short", "critic_not_learning",
+             "diagnose"]
 CLASSES = ["NumpyToTorch", "ActorCritic", "Collector", "ReturnTracker", "BestPolicy", "TorchCartPole", "Ending",
            "BestEffort"]
 PATTERNS = ([f"{MODULE}.x_{name}__mutmut_*" for name in FUNCTIONS]

@@ -64,17 +64,17 @@ RULES = {
     "commutative": "the two arguments of min, max, minimum or maximum swapped: the same value",
     "0 and inf stay themselves": "0 or an infinity times a positive factor is itself",
 }
-MASK_NAMES = {"mask", "valid", "mb_valid", "not_done", "done", "dones", "truncated_only", "prev_done",
-              "terminated", "truncated"}
+MASK_NAMES = {"valid", "not_done", "done", "dones", "truncated_only", "prev_done", "terminated", "truncated"}
 NOT_VALUES = {"print", "len", "range", "reversed", "zip", "enumerate", "isinstance", "hasattr", "getattr", "setattr",
               "type", "str", "repr", "int", "bool", "list", "tuple", "dict", "set", "sorted", "iter", "next", "super",
               "Path", "ValueError", "TypeError", "RuntimeError", "option", "deque", "dataclass", "tqdm"}
-EVEN = {"abs", "cos", "square", "variance"}
+EVEN = {"abs", "cos", "square", "var", "std"}
 ALLOCATIONS = {"zeros", "zeros_like", "empty", "empty_like", "device", "Generator", "randperm", "ones", "full", "tensor",
                "as_tensor", "manual_seed", "isfinite", "clip_grad_norm_"}  # made, not computed (or not a value)
 TENSOR_METHODS = {"sum", "mean", "exp", "log", "sqrt", "abs", "clamp", "float", "squeeze", "unsqueeze", "gather",
                   "flatten", "view", "item", "pow", "std", "var", "min", "max", "masked_fill", "softmax",
-                  "log_softmax", "clone", "detach", "cos", "sin", "square", "sign", "amax", "amin", "reshape"}
+                  "log_softmax", "clone", "detach", "cos", "sin", "square", "sign", "amax", "amin", "reshape",
+                  "log_prob", "entropy"}  # (the last two: a Categorical's)
 COMMUTATIVE = {"min", "max", "minimum", "maximum"}
 GRAD_CONTEXTS = {"no_grad", "inference_mode"}
 ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.MatMult)
@@ -160,7 +160,7 @@ class Sites(ast.NodeVisitor):
     """Walks one function and yields (kind, node, replacement text, skip rule or None)."""
 
     def __init__(self, source: Source, function: ast.FunctionDef, signatures: dict, returns: dict,
-                 float_fields: set, float_attrs: set, grad_path: bool):
+                 float_fields: dict[str, set], float_attrs: set, grad_path: bool):
         self.src, self.function, self.signatures = source, function, signatures
         self.float_fields, self.float_attrs, self.grad_path = float_fields, float_attrs, grad_path
         self.returns = returns  # the script's functions (and methods) -> whether they return a Tensor or float
@@ -310,7 +310,7 @@ class Sites(ast.NodeVisitor):
             if isinstance(node, ast.Name) and node.id in self.float_params:
                 is_site = True
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                is_site = (node.value.id == "config" and node.attr in self.float_fields) or \
+                is_site = node.attr in self.float_fields.get(node.value.id, ()) or \
                           (node.value.id == "self" and node.attr in self.float_attrs)
         if is_site:
             s = self.src.segment(node)
@@ -483,8 +483,12 @@ def generate(text: str) -> list[Mutant]:
     for f in [*functions.values(), *(f for cls in tree.body if isinstance(cls, ast.ClassDef)
                                      for f in cls.body if isinstance(f, ast.FunctionDef))]:
         returns.setdefault(f.name, bool(f.returns and re.search(r"Tensor|float", ast.unparse(f.returns))))
-    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-    float_fields = {n.target.id for n in config.body if isinstance(n, ast.AnnAssign) and float_annotated(n.annotation)}
+    # The float settings, by the name the scope reads them through: config.lr (Config), run.target_return (RunConfig).
+    float_fields = {}
+    for receiver, class_name in (("config", "Config"), ("run", "RunConfig")):
+        settings = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+        float_fields[receiver] = {n.target.id for n in settings.body
+                                  if isinstance(n, ast.AnnAssign) and float_annotated(n.annotation)}
     # The loss's computation: minibatch_loss and what it calls, the network's forward, the update.
     grad_path, todo = set(), ["minibatch_loss"]
     while todo:
