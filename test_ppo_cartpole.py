@@ -2856,13 +2856,27 @@ def test_every_relative_link_and_heading_anchor_a_document_names_exists(document
             assert anchor in {github_anchor(heading) for heading in headings}, link
 
 
+def quantities(text: str) -> list[float]:
+    """The numbers a text states, as quantities: 267k, 26.7 万 and 267,000 are all 267000."""
+    scale = {"": 1, "k": 1e3, "M": 1e6, "万": 1e4}
+    return [round(float(digits.replace(",", "")) * scale[latin or chinese], 6)
+            for digits, latin, chinese in re.findall(r"(\d+(?:[.,]\d+)*)(?:(k|M)\b|\s?(万))?", text)]
+
+
+def test_quantities_read_both_languages_units_alike():
+    assert quantities("267k env steps, 2.05M, 1,544 mutants, eq. (7)") == [267000, 2050000, 1544, 7]
+    assert quantities("26.7 万环境步、205 万、1,544 个变异体、式 (7)") == [267000, 2050000, 1544, 7]
+    assert quantities("3e-3, 0.2, 2.8 倍") == [3, 3, 0.2, 2.8]
+
+
 def test_the_two_readmes_tables_carry_the_same_numbers():
-    """The Chinese README has the English one's tables, translated: every number in them agrees."""
+    """The Chinese README has the English one's tables, translated: every quantity in them agrees
+    (26.7 万 in Chinese is 267k in English)."""
     root = Path(__file__).parent
 
     def table_numbers(text):
         rows = [line for line in text.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
-        return [re.findall(r"\d+(?:[.,]\d+)*", re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)", "", row)) for row in rows]
+        return [quantities(re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)", "", row)) for row in rows]
 
     english, chinese = (table_numbers((root / name).read_text()) for name in ("README.md", "README.zh-CN.md"))
     assert len(english) > 40 and english == chinese
