@@ -2883,13 +2883,27 @@ def test_every_relative_link_and_heading_anchor_a_document_names_exists(document
             assert anchor in {github_anchor(heading) for heading in headings}, link
 
 
+def quantities(text: str) -> list[float]:
+    """The numbers a text states, as quantities: 267k, 26.7 万 and 267,000 are all 267000."""
+    scale = {"": 1, "k": 1e3, "M": 1e6, "万": 1e4}
+    return [round(float(digits.replace(",", "")) * scale[latin or chinese], 6)
+            for digits, latin, chinese in re.findall(r"(\d+(?:[.,]\d+)*)(?:(k|M)\b|\s?(万))?", text)]
+
+
+def test_quantities_read_both_languages_units_alike():
+    assert quantities("267k env steps, 2.05M, 1,544 mutants, eq. (7)") == [267000, 2050000, 1544, 7]
+    assert quantities("26.7 万环境步、205 万、1,544 个变异体、式 (7)") == [267000, 2050000, 1544, 7]
+    assert quantities("3e-3, 0.2, 2.8 倍") == [3, 3, 0.2, 2.8]
+
+
 def test_the_two_readmes_tables_carry_the_same_numbers():
-    """The Chinese README has the English one's tables, translated: every number in them agrees."""
+    """The Chinese README has the English one's tables, translated: every quantity in them agrees
+    (26.7 万 in Chinese is 267k in English)."""
     root = Path(__file__).parent
 
     def table_numbers(text):
         rows = [line for line in text.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
-        return [re.findall(r"\d+(?:[.,]\d+)*", re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)", "", row)) for row in rows]
+        return [quantities(re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)", "", row)) for row in rows]
 
     english, chinese = (table_numbers((root / name).read_text()) for name in ("README.md", "README.zh-CN.md"))
     assert len(english) > 40 and english == chinese
@@ -2944,10 +2958,14 @@ def code_lines(source: str) -> list[str]:
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def readme_notebook_section(text: str) -> str:
+    """A README's notebook section: its heading names Colab."""
+    return next(section for section in text.split("\n## ")[1:] if "Colab" in section.splitlines()[0])
+
+
 def readme_notebook_cells(text: str) -> list[str]:
-    """The ```python blocks of a README's notebook section (its heading names Colab)."""
-    section = next(section for section in text.split("\n## ")[1:] if "Colab" in section.splitlines()[0])
-    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    """The ```python blocks of a README's notebook section."""
+    return re.findall(r"```python\n(.*?)```", readme_notebook_section(text), re.DOTALL)
 
 
 def markdown_tables(text: str) -> list[tuple[int, list[list[str]]]]:
@@ -2977,28 +2995,40 @@ def test_the_notebook_file_holds_the_readmes_cells_without_outputs():
         assert [code_lines(cell) for cell in readme_notebook_cells((root / name).read_text())] == code, name
     assert code[0][-1].startswith("%pip install") and "ppo_cartpole.py" in code[0][1] and "requirements.txt" in code[0][1]
     assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in cells if cell["cell_type"] == "code")
+    for name in READMES:  # the Colab route, told alike: the first screen, the notebook section, the notebook
+        text = (root / name).read_text()
+        for told in ("\n".join(text.splitlines()[:60]), readme_notebook_section(text)):
+            assert "`/content`" in told and "`!git clone <" in told, name
+    assert "`/content`" in "".join(cells[0]["source"]) and "`!git clone <" in "".join(cells[0]["source"])
+    assert "/content" in code[0][-2] and "!git clone" in code[0][-2]  # the error message, when they are missing
     for cell in cells[::2]:
         prose = re.sub(r"```.*?```|^---$", "", "".join(cell["source"]), flags=re.DOTALL | re.MULTILINE)
         chinese = [bool(CJK.search(paragraph)) for paragraph in prose.split("\n\n") if paragraph.strip()]
         assert chinese[0] and not chinese[-1] and chinese == sorted(chinese, reverse=True), cell["id"]
 
 
-def test_both_readmes_open_with_the_same_five_concepts_each_linked_to_the_code_map():
-    """The first table of each README, within its first 50 lines, maps five of the post's concepts
-    to the code: the same names in the same rows in both languages, each row linking to the section
-    whose table (the full code map) holds those names."""
+def test_both_readmes_open_with_the_same_ten_concepts_each_linked_to_the_code_map():
+    """The first table of each README, within its first 60 lines (the first screen), maps ten of the
+    post's concepts to the code: the same names in the same rows in both languages, each row linking
+    to the section whose table (the full code map) holds those names. The flags a row names (the ideas
+    of the post that are off by default say which flag turns them on) are flags of the script."""
     root = Path(__file__).parent
     code_columns = []
     for name in READMES:
         text = (root / name).read_text()
         last_line, excerpt = markdown_tables(text)[0]
-        assert last_line <= 50 and len(excerpt) == 5, name
+        assert last_line <= 60 and len(excerpt) == 10, name
         names = [re.findall(r"`([^`]+)`", row[1]) for row in excerpt]
         assert all(names), name
         sections = {github_anchor(section.splitlines()[0]): section for section in text.split("\n## ")[1:]}
         for row, row_names in zip(excerpt, names):
             (anchor,) = re.findall(r"\]\(#([^)]+)\)", " ".join(row))
             code_map = markdown_tables(sections[anchor])[0][1]
-            assert set(row_names) <= {code for row in code_map for code in re.findall(r"`([^`]+)`", row[1])}, row
+            code = {name for name in row_names if not name.startswith("--")}
+            flags = {name.split()[0] for name in row_names if name.startswith("--")}
+            assert code and code <= {code for row in code_map for code in re.findall(r"`([^`]+)`", row[1])}, row
+            assert flags <= help_flags(), row
         code_columns.append(names)
     assert code_columns[0] == code_columns[1]
+    flags_named = {name.split()[0] for row in code_columns[0] for name in row if name.startswith("--")}
+    assert {"--value-clip-eps", "--entropy-coef", "--entropy-floor", "--target-kl"} <= flags_named
