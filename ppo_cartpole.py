@@ -52,7 +52,7 @@ class Config:
     num_envs: int = option(32, "N parallel envs", allowed="[1, 65536]")
     buffer_size: int = option(1024, "steps per rollout over all envs: T = buffer-size / num-envs >= 2",
                               allowed="[2, 2097152]")
-    minibatch_size: int = option(256, "samples per gradient step (an epoch's last: the rest)", allowed="[1, 262144]")
+    minibatch_size: int = option(256, "samples per gradient step; an epoch's last has the rest", allowed="[1, 262144]")
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 100]")
@@ -122,13 +122,14 @@ class Collector:
     no episode outlasted T. envs: torch in and out, next-step autoreset (the step after an episode ends
     only resets that env: `valid` 0); same-step autoreset (gymnasium < 1.0) is refused. Needs: Rollout."""
 
-    REFUSED = "Collector needs next-step autoreset, got {}: use gymnasium >= 1.0 and its default, NEXT_STEP"
+    AUTORESET_ERROR = "Collector needs next-step autoreset, got {}: use gymnasium >= 1.0 and its default, NEXT_STEP"
 
     def __init__(self, envs, num_steps: int, seed: int, device: torch.device):
         mode = getattr(envs, "metadata", {}).get("autoreset_mode")
         mode = getattr(mode, "value", mode)
         if mode not in (None, "NextStep") or (mode is None and int(gym.__version__.split(".")[0]) < 1):
-            raise ValueError(self.REFUSED.format(mode or f"gymnasium {gym.__version__}, which resets on the same step"))
+            raise ValueError(self.AUTORESET_ERROR.format(
+                mode or f"gymnasium {gym.__version__}, which resets on the same step"))
         self.envs = envs
         T, N, obs_shape = num_steps, envs.num_envs, envs.single_observation_space.shape
         zeros = functools.partial(torch.zeros, device=device)
@@ -147,7 +148,7 @@ class Collector:
             for t in range(len(r.rewards)):
                 self.step(net, t)
             r.last_value.copy_(net(self.next_obs)[1])
-            # V(final obs) is the next row's value (next-step mode); a time limit is not failure: bootstrap.
+            # Next-step autoreset: V(final obs) is the next row's value. A time limit is not failure: bootstrap.
             next_values = torch.cat([r.values[1:], r.last_value.unsqueeze(0)])  # [T, N]
             r.rewards += gamma * next_values * self.truncated_only
         return r
@@ -156,12 +157,11 @@ class Collector:
         """Row t of the rollout: act on next_obs, step the envs; the carried state changes in place."""
         r = self.rollout
         logits, values = net(self.next_obs)
-        # validate_args=False: Categorical's check of its input would read the GPU every step.
         policy = Categorical(logits=logits, validate_args=False)
         actions = policy.sample()
         next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
         if "final_obs" in info or "final_observation" in info:
-            raise ValueError(self.REFUSED.format("a final observation in info (same-step autoreset)"))
+            raise ValueError(self.AUTORESET_ERROR.format("a final observation in info (same-step autoreset)"))
         done = (terminated | truncated).float()
         r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = self.next_obs, actions, policy.log_prob(actions), values
         r.rewards[t], r.dones[t] = rewards, done
@@ -260,11 +260,11 @@ def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollou
                returns: torch.Tensor, *, update_epochs: int, minibatch_size: int, clip_eps: float,
                value_clip_eps: float | None, value_coef: float, entropy_coef: float, max_grad_norm: float = 0.0,
                target_kl: float | None = None, normalize_advantages: bool = False) -> dict:
-    """Algorithm 1's update: K epochs of shuffled minibatches (torch's RNG; the last may be smaller), actor
-    and critic together, on advantages and returns [T, N] from compute_gae. max_grad_norm 0: no clip; target_kl:
-    SB3's stop, before the step of the first minibatch whose KL exceeds it. Returns floats: the means over the
-    minibatches stepped (approx_kl's with the stopped one), explained_variance of V_old, epochs completed,
-    minibatches stepped. Needs: Rollout, minibatch_loss, explained_variance."""
+    """Algorithm 1's update: K epochs of shuffled minibatches (torch's RNG; the last may be smaller), actor and
+    critic together, on advantages and returns [T, N] from compute_gae. max_grad_norm 0: no clip. target_kl: stop
+    before the step of the first minibatch whose KL exceeds it (SB3 stops at 1.5 x its target_kl). Returns floats:
+    the means over the minibatches stepped (approx_kl's with the stopped one), explained_variance of V_old, epochs
+    completed, minibatches stepped. Needs: Rollout, minibatch_loss, explained_variance."""
     kept = rollout.valid.flatten().nonzero().squeeze(1)  # the autoreset steps are not experience: dropped here
     b_obs = rollout.obs.flatten(0, 1)[kept]  # [T, N, D] -> [B, D]
     b_actions, b_logprobs, b_values, b_advantages, b_returns = (
@@ -272,7 +272,7 @@ def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollou
     if normalize_advantages and len(b_advantages) > 1:
         b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
-    stepped, kl_stop, epochs = [], None, 0
+    stepped, stopped, epochs = [], [], 0
     for _ in range(update_epochs):
         order = torch.randperm(len(b_obs), device=b_obs.device)
         for start in range(0, len(b_obs), minibatch_size):
@@ -282,24 +282,24 @@ def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollou
                 b_returns[indices], clip_eps=clip_eps, value_clip_eps=value_clip_eps, value_coef=value_coef,
                 entropy_coef=entropy_coef)
             if target_kl is not None and stats["approx_kl"] > target_kl:
-                kl_stop = stats  # this step would take pi too far from pi_old: end the update here
+                stopped.append(stats)  # this step would take pi too far from pi_old: end the update here
                 break
             optimizer.zero_grad()
             loss.backward()
             stats["grad_norm"] = nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or math.inf)
             optimizer.step()
             stepped.append(stats)
-        if kl_stop is not None:
+        if stopped:
             break
         epochs += 1
 
-    def mean(key: str, rows: list[dict] = stepped) -> float:
+    def mean(rows: list[dict], key: str) -> float:
         return torch.stack([row[key] for row in rows]).mean().item() if rows else 0.0
-    return dict(policy_loss=mean("policy_loss"), value_loss=mean("value_loss"), entropy=mean("entropy"),
-                loss=mean("loss"), clip_fraction=mean("clip_fraction"), grad_norm=mean("grad_norm"),
-                approx_kl=mean("approx_kl", stepped + [kl_stop] if kl_stop else stepped),
-                explained_variance=explained_variance(b_values, b_returns).item(),
-                epochs=epochs, minibatches=len(stepped))
+    means = {key: mean(stepped, key) for key in ("policy_loss", "value_loss", "entropy", "loss", "clip_fraction",
+                                                 "grad_norm")}
+    return dict(means, approx_kl=mean(stepped + stopped, "approx_kl"),
+                explained_variance=explained_variance(b_values, b_returns).item(), epochs=epochs,
+                minibatches=len(stepped))
 
 
 # ==== The loop: collect, advantages, update =======================================================

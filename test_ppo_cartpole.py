@@ -53,10 +53,6 @@ def machine_without_cuda(request, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-def seeded(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def small_net(seed=0, obs_dim=4, act_dim=2):
     torch.manual_seed(seed)
     return ppo.ActorCritic(obs_dim, act_dim)
@@ -853,7 +849,7 @@ def test_every_epoch_visits_every_valid_step_once_in_a_fresh_order_and_never_an_
     assert len({tuple(epoch) for epoch in epochs} | {tuple(index.tolist())}) == 4  # shuffled anew
 
 
-@pytest.mark.filterwarnings("ignore:var\\(\\): degrees of freedom")  # the variance of no sample: NaN, as it should be
+@pytest.mark.filterwarnings("ignore:var\\(\\). degrees of freedom:UserWarning")  # the variance of no sample: NaN, as it should be
 def test_a_rollout_of_only_autoreset_steps_takes_no_step():
     net = small_net()
     rollout, advantages, returns, _ = hand_made_rollout(net)

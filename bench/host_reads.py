@@ -14,9 +14,8 @@ here with --confirm-episodes 0). Runs on the CPU, where a read costs nothing, so
 what a GPU would wait for.
 
 The update reads its stats back at its end, one `.item()` per stat, and drops the rollout's
-autoreset steps by indexing with a boolean mask, which counts once per tensor indexed (on a GPU
-each waits to learn how many steps are kept); with --target-kl it also reads each minibatch's KL
-for the stop test. So the update's count is no longer the single read of the version before (its
+autoreset steps by one `nonzero` (on a GPU a wait to learn how many steps are kept); with
+--target-kl it also reads each minibatch's KL for the stop test. So the update's count is no longer the single read of the version before (its
 stats in one `.tolist()`, the autoreset steps kept in and masked): compare versions by running this
 on each.
 
