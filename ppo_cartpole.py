@@ -717,7 +717,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only file system refuses even this): the write's error stands
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise WriteError(path, exc) from exc
         raise
@@ -1482,13 +1483,24 @@ def catch_ending_signals() -> dict:
     return replaced
 
 
+def reopen_closed_stdio() -> None:
+    """A process started with stdin, stdout or stderr closed (a cron line's `>&- 2>&-`): each closed
+    one reopened on os.devnull, so that no file the run opens later takes its number."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 class BestEffort:
-    """sys.stdout or sys.stderr, best-effort: a terminal that closed (EIO) or a pipe that nobody reads
-    (EPIPE) must not stop a run or its clean-up. The first write that fails points the stream's file
-    at os.devnull, so that neither later messages nor Python's flush at exit fail on it."""
+    """sys.stdout or sys.stderr, best-effort: a terminal that closed (EIO), a pipe that nobody reads
+    (EPIPE) or a full device (ENOSPC) must not stop a run or its clean-up. The first write that fails
+    points the stream's file at os.devnull, so that neither later messages nor Python's flush at exit
+    fail on it. None (Python's stream when its file was closed at start) writes to os.devnull."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream = stream if stream is not None else open(os.devnull, "w")
 
     def write(self, text: str) -> int:
         self._try(lambda: (self.stream.write(text), self.stream.flush()))
@@ -1520,6 +1532,7 @@ def main(argv: list[str] | None = None) -> int:
     ignores it). A second signal during the clean-up stops it; the checkpoints, summary.json, plot
     and GIF are written atomically and the CSVs a whole row at a time, so none is left half-written.
     Messages are best-effort (BestEffort): the files come first."""
+    reopen_closed_stdio()
     replaced, streams = catch_ending_signals(), (sys.stdout, sys.stderr)
     sys.stdout, sys.stderr = BestEffort(sys.stdout), BestEffort(sys.stderr)
     config = run = None

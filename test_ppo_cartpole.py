@@ -1944,6 +1944,20 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
 
 
+def test_a_failed_write_stays_the_error_when_the_temp_files_removal_is_refused_too(tmp_path, monkeypatch):
+    """On a file system gone read-only the clean-up's unlink raises EROFS: the write's own error,
+    naming its file, is what the run ends with, not the clean-up's."""
+    def refused(self, missing_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    def full_disk(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(ppo.WriteError, match=f"could not write {re.escape(str(tmp_path / 'best.pt'))}: No space"):
+        ppo.atomic_write(tmp_path / "best.pt", full_disk)
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     net = small_net(5)
     config = {"env_id": "CartPole-v1", "lr": 3e-4, "target_kl": None, "clip_value": True, "seed": 1}
@@ -2734,6 +2748,27 @@ def test_with_the_terminal_gone_a_signal_still_writes_the_files(tmp_path):
 
 
 @pytest.mark.shell
+@pytest.mark.parametrize("closed", [(1, 2), (0, 1, 2), "/dev/full"])
+def test_a_run_started_with_its_stdio_closed_trains_and_writes_every_file(tmp_path, closed):
+    """A process manager's or a cron line's `>&- 2>&-`: Python starts with sys.stdout and sys.stderr
+    None, and the next file opened would take fd 1 or 2. The run goes on, silent, and writes it all;
+    so does one whose messages go to a full device."""
+    out = tmp_path / "run"
+    argv = [sys.executable, str(Path(ppo.__file__)), *QUICK, "--episodes", "2", "--confirm-episodes", "0",
+            "--no-gif", "--out-dir", str(out)]
+    if closed == "/dev/full":
+        with open(closed, "w") as full:
+            status = subprocess.run(argv, stdout=full, stderr=full, timeout=120).returncode
+    else:
+        status = subprocess.run(argv, preexec_fn=lambda: [os.close(fd) for fd in closed], timeout=120).returncode
+    assert status == 0
+    assert {"summary.json", "final.pt", "best.pt", "metrics.csv", "episodes.csv", "training.png"} <= \
+        {path.name for path in out.iterdir()}
+    assert json.loads((out / "summary.json").read_text())["exit_status"] == 0
+    assert (out / "metrics.csv").read_text().startswith("iteration,")  # the CSV, not a message, at its start
+
+
+@pytest.mark.shell
 def test_a_sighup_inherited_as_ignored_stays_ignored(tmp_path):
     """nohup ignores SIGHUP for the command it starts: the run goes on after the terminal closes."""
     out = tmp_path / "run"
@@ -2781,6 +2816,7 @@ def test_best_effort_output_drops_what_a_gone_terminal_cannot_take_and_goes_quie
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     assert ppo.BestEffort(GoneWithoutFile()).write("dropped\n") == len("dropped\n")
+    assert ppo.BestEffort(None).write("nowhere\n") == len("nowhere\n")  # a stream closed at start
 
 @pytest.mark.shell
 def test_a_second_signal_during_clean_up_leaves_no_partial_file(tmp_path):
