@@ -1104,7 +1104,7 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
         if log_steps:  # the top-left panel's span, shaded
             ax.axvspan(steps[0], learning_end, color="tab:blue", alpha=0.06, lw=0)
         ax.set_title(title, fontsize=10, loc="left")
-        ax.set_yscale("log" if log else "linear")
+        ax.set_yscale("log" if log and np.nanmax(values, initial=0) > 0 else "linear")  # (log of no positive: a warning)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=8)
     if log_steps:
@@ -1354,6 +1354,19 @@ def finish_run(config: Config, run: RunConfig, log: RunLog, best: BestPolicy, ne
     return summary
 
 
+def divergence_advice(rollout: Rollout, gamma: float, lr: float, max_grad_norm: float) -> str:
+    """What to try after a divergence, never a setting already in force. Rewards so large that a return
+    of them, squared in the value loss, overflows float32: no lr can help, they need scaling. Else a
+    lower lr, and gradient clipping if it is off."""
+    reward = float(rollout.rewards.abs().max())
+    horizon = 1 / (1 - gamma) if gamma < 1 else len(rollout.rewards)
+    if reward * horizon > math.sqrt(FLOAT32_MAX):
+        return (f"The rewards reach {reward:.3g} a step, and returns of them overflow float32 once squared in the "
+                f"value loss: scale them (gymnasium.wrappers.NormalizeReward, or TransformReward).")
+    clipping = "" if max_grad_norm else " or gradient clipping (--max-grad-norm 0.5)"
+    return f"Try a lower --lr (now {lr:g}){clipping}."
+
+
 def nonfinite(stats: dict, net: nn.Module) -> list[str]:
     """Which of an update's loss, gradient norm and the parameters after it went NaN or infinite (a NaN
     in any minibatch leaves the update's means non-finite too)."""
@@ -1391,8 +1404,8 @@ def train(config: Config, run: RunConfig = RunConfig()) -> dict:
             saved, broken = False, nonfinite(stats, net)
             if broken:
                 ending.divergence = f"iteration {iteration}: the {' and '.join(broken)} went NaN or infinite"
-                print(f"\ndiverged at {ending.divergence}; stopping. Try a lower --lr (now {stats['lr']:g}) or "
-                      f"gradient clipping (--max-grad-norm 0.5).", file=sys.stderr)
+                advice = divergence_advice(rollout, config.gamma, stats["lr"], config.max_grad_norm)
+                print(f"\ndiverged at {ending.divergence}; stopping. {advice}", file=sys.stderr)
             else:
                 saved = best.consider(net, log.tracker.ema, always=solved and best.confirmed < run.target_return)
             log.metrics(iteration, stats, episodes=ended, best_confirmed_return=best.confirmed, best_saved=int(saved))

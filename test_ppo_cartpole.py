@@ -1547,6 +1547,39 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_best_pt(tmp_path, mo
     assert read_csv(out / "metrics.csv")[-1]["best_saved"] == "0"  # the NaN policy was not saved
 
 
+def huge_reward_cartpole(**kwargs):
+    """CartPole paying 1e30 a step: an unscaled quantity, finite in float32, whose squares are not."""
+    from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+    return gym.wrappers.TransformReward(CartPoleEnv(**kwargs), lambda reward: reward * 1e30)
+
+
+def test_rewards_too_large_for_float32_are_named_as_the_cause_not_the_lr(tmp_path, capsys, recwarn):
+    gym.register("HugeRewardCartPole-v0", entry_point=huge_reward_cartpole, max_episode_steps=500,
+                 reward_threshold=475)
+    out = tmp_path / "run"
+    assert ppo.main(QUICK + ["--env-id", "HugeRewardCartPole-v0", "--episodes", "5", "--no-gif", "--out-dir",
+                             str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at iteration 0" in err and "scale them (gymnasium.wrappers.NormalizeReward" in err
+    assert "--lr" not in err and "Traceback" not in err
+    assert (out / "training.png").exists() and not [w for w in recwarn if "log-scaled" in str(w.message)]
+
+
+def test_divergence_advice_names_no_setting_already_in_force():
+    rollout = ppo.Rollout(**{k: torch.ones(4, 2) for k in ("obs", "actions", "logprobs", "rewards", "values", "dones",
+                                                            "valid", "ended_returns", "ended_lengths")},
+                          last_value=torch.zeros(2))
+    assert ppo.divergence_advice(rollout, 0.99, 0.003, 0.5) == "Try a lower --lr (now 0.003)."
+    assert ppo.divergence_advice(rollout, 0.99, 0.003, 0.0) == \
+        "Try a lower --lr (now 0.003) or gradient clipping (--max-grad-norm 0.5)."
+    limit = math.sqrt(ppo.FLOAT32_MAX)  # a return's square at float32's largest
+    for gamma, horizon in ((0.99, 100), (1.0, 4)):  # gamma 1: the rollout's T steps
+        rollout.rewards.fill_(limit / horizon * 1.01)
+        assert ppo.divergence_advice(rollout, gamma, 0.003, 0.5).startswith("The rewards reach")
+        rollout.rewards.fill_(-limit / horizon * 0.99)
+        assert ppo.divergence_advice(rollout, gamma, 0.003, 0.5).startswith("Try a lower --lr")
+
+
 # ==== CartPole in torch ===========================================================================
 
 def test_torch_envs_reset_to_initial_states_drawn_from_their_own_generator_at_each_step():
