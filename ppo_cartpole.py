@@ -342,13 +342,10 @@ class RunStopped(Exception):
 
 def make_envs(env_id: str, num_envs: int, device: torch.device, backend: str = "gymnasium",
               vectorization_mode: str = "auto", **env_kwargs):
-    """N envs stepped together, the contract Collector relies on: torch tensors in and out,
-    `reset(seed) -> (obs [N, D], info)`, `step(actions [N]) -> (obs [N, D], rewards [N],
-    terminated [N], truncated [N], info)`, and next-step autoreset: an env whose episode ended on
-    the previous step only resets on this one, ignoring its action, with reward 0 and both flags
-    False (the Collector masks that step out). backend "gymnasium": gymnasium.make_vec in
-    `vectorization_mode` ("auto": the env's own vector env when it has one, as CartPole does);
-    "torch": TorchCartPole on `device`."""
+    """N envs with Collector's contract: torch in and out, `reset(seed) -> (obs [N, D], info)`, `step(actions
+    [N]) -> (obs, rewards, terminated, truncated [N], info)`, next-step autoreset (the step after an episode
+    ends only resets that env: reward 0, both flags False). "gymnasium": gymnasium.make_vec in
+    `vectorization_mode` ("auto": the env's own vector env if it has one); "torch": TorchCartPole."""
     if backend == "torch":
         return TorchCartPole(num_envs, device, **env_kwargs)
     mode = None if vectorization_mode == "auto" else vectorization_mode  # None: gymnasium picks as "auto"
@@ -390,14 +387,10 @@ class NumpyToTorch(gym.vector.VectorWrapper):
 
 class TorchCartPole:
     """CartPole-v1 for N envs at once in torch, on any device: gymnasium 1.x's CartPoleVectorEnv.step
-    with the same physics (explicit Euler), strict thresholds, rewards, time limit (500: terminated
-    and truncated can both be true then), initial states and next-step autoreset. Gymnasium keeps
-    the state in float64; `dtype` is ours to choose (float64 matches it to 1e-12). Observations are
-    float32 copies; `state` [N, 4] = (x, x_dot, theta, theta_dot) can be read and set in place.
-    Nothing here synchronises with the host: each step draws a full [N, 4] batch of initial states
-    from `generator` and resets by torch.where. The carried state (`state`, `steps`, `prev_done`)
-    is updated in place.
-    """
+    (explicit Euler, strict thresholds, a time limit of 500 that can coincide with termination, next-step
+    autoreset); `dtype` float64 matches gymnasium to 1e-12. `state` [N, 4] = (x, x_dot, theta, theta_dot).
+    No host reads: each step draws [N, 4] initial states from `generator` and resets by torch.where; the
+    carried state (`state`, `steps`, `prev_done`) is updated in place; observations are float32 copies."""
 
     metadata = {"autoreset_mode": "NextStep"}  # as gymnasium >= 1.1 declares it
 
@@ -537,10 +530,9 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
 
 
 def resolve(run: RunConfig, env_id: str) -> RunConfig:
-    """The RunConfig a run of env_id uses, every derived value settled here (a resolved one comes back
-    unchanged): the device; the backend (torch on CUDA for CartPole-v1 unless a gymnasium vectorisation
-    mode is asked for); training only: the env's reward_threshold as target_return where None.
-    (out_dir None: RunLog makes a fresh folder.)"""
+    """The RunConfig a run of env_id uses (a resolved one comes back unchanged): the device; the backend
+    (torch on CUDA for CartPole-v1 unless a vectorisation mode is asked for); the env's reward_threshold
+    as target_return where None, when training."""
     device = resolve_device(run.device)
     backend = run.env_backend
     if backend == "auto":
@@ -556,9 +548,8 @@ def resolve(run: RunConfig, env_id: str) -> RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per field of Config, then of RunConfig, named after it (`num_envs` -> `--num-envs`),
-    with its help and default; a size's default is None, for parse_args to fill in by backend; a bool
-    field gets --flag / --no-flag."""
+    """A flag per field of Config and RunConfig (`num_envs` -> `--num-envs`) with its help and default (a
+    size's is None: parse_args fills it in by backend); a bool gets --flag / --no-flag."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [options]  (all of them: --help)",  # one line above an error, not all the flags
         description="PPO for gymnasium's CartPole-v1, in one readable file.",
@@ -641,9 +632,8 @@ def in_interval(value: float, interval: str) -> bool:
 
 
 def check_config(c: Config, run: RunConfig) -> None:
-    """Every value of a Config and a resolved RunConfig in its range (nan and inf never train; at the
-    sizes' upper bounds a CartPole rollout and its update take about 3 GB) and a run folder without an
-    earlier run."""
+    """Every value of a Config and a resolved RunConfig in its range (nan and inf never train; the sizes'
+    upper bounds take about 3 GB), and a run folder without an earlier run."""
     for config in (c, run):
         for field in dataclasses.fields(config):
             value, allowed = getattr(config, field.name), field.metadata.get("allowed")
@@ -679,11 +669,9 @@ def require_no_earlier_run(path: Path) -> None:
 
 
 def claim_run_folder(out_dir: str | None, env_id: str, seed: int) -> Path:
-    """The run folder, made and claimed by one atomic create before anything is written there: a
-    given folder (made if need be) by creating its CLAIM_FILE exclusively (O_EXCL), so that of two
-    runs into it, even in the same second, one is refused (UsageError) and the other's files stay
-    its own; by default, a fresh `default_out_dir`, made by one exclusive mkdir, with -2, -3, ...
-    after the name when another run took it in the same second."""
+    """The run folder, claimed by one atomic create before anything is written there: a given folder by
+    creating its CLAIM_FILE with O_EXCL (of two runs into it, one is refused: UsageError); by default a
+    fresh `default_out_dir` by one exclusive mkdir, with -2, -3, ... when another run took the name."""
     if out_dir is None:
         base = default_out_dir(env_id, seed)
         Path(base).parent.mkdir(parents=True, exist_ok=True)
@@ -772,11 +760,9 @@ def load_agent(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 # ==== Tracking: returns, best.pt, the run log ====================================================
 class ReturnTracker:
-    """Streams true episode returns: their EMA, the last-`window` mean, the success rate, and
-    "solved": the first episode at which the last-`window` mean reaches the target (CartPole-v1:
-    475 over 100). When one iteration ends `window` or more episodes, they are judged together by
-    their mean: docs/torch-backend.md says why.
-    """
+    """Streams true episode returns: their EMA, the last-`window` mean, the success rate, and "solved": the
+    first episode at which the last-`window` mean reaches the target. An iteration that ends `window` or
+    more episodes is judged by their mean (docs/torch-backend.md says why)."""
 
     def __init__(self, ema_alpha: float, target_return: float, window: int = 100):
         self.ema_alpha, self.target_return, self.window = ema_alpha, target_return, window
@@ -816,13 +802,10 @@ class ReturnTracker:
 
 
 class BestPolicy:
-    """Keeps best.pt, the policy to deploy. A candidate is a new best of the EMA of returns above
-    the saved policy's score, or any policy when `consider` is told `always`; it is saved if its
-    score is at least the saved one's. The score: the mean of `confirm_episodes` greedy episodes
-    (run at once, on `seed`), since the EMA mixes several recent policy versions and the weights at
-    its peak need not play well themselves (the post saved them unchecked). confirm_episodes = 0 is
-    the post's rule: the score is the EMA itself, and only at a new best of it.
-    """
+    """Keeps best.pt, the policy to deploy: a new EMA best above the saved policy's score (or any policy,
+    `always`) is saved if its score, the mean of `confirm_episodes` greedy episodes on `seed`, is at least
+    the saved one's (the EMA mixes several policies; the post saved its peak unchecked). confirm_episodes
+    0 is the post's rule: the score is the EMA itself."""
 
     def __init__(self, path, env_id: str, confirm_episodes: int, seed: int, config: dict):
         self.path, self.env_id, self.confirm_episodes, self.seed, self.config = \
@@ -1017,17 +1000,11 @@ def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 def plot_training(episodes: list[dict], metrics: list[dict], target_return: float, path: Path | None = None,
                   solved_at_step: int | None = None, kl_target: float | None = None):
-    """The dashboard of a run, written to `path` as a PNG unless path is None (saving takes most of
-    the time); returns the matplotlib Figure (no pyplot: no display needed).
-
-    episodes, metrics: rows of episodes.csv and metrics.csv (numbers or their text). On top, the
-    returns (each episode, EMA, last-100 mean, target, success rate, best.pt's saves): on the left
-    up to LEARNING_PHASE times the solve step, where the learning happens, on the right the whole
-    run (one wide panel when the run ended sooner). Below, a panel per entry of PANELS against env
-    steps, a noisy one with its trend line, on a log axis when the run went on past the learning
-    phase (shaded); kl_target is drawn on the KL, and the entropy coefficient beside the lr when it
-    is ever > 0.
-    """
+    """The dashboard of a run from the rows of episodes.csv and metrics.csv (numbers or their text), as a
+    PNG at `path` unless None; returns the matplotlib Figure (no pyplot, no display). On top the returns:
+    up to LEARNING_PHASE times the solve step on the left, the whole run on the right (one wide panel if it
+    ended sooner); below, a panel per PANELS entry against env steps, with trend lines, on a log axis
+    past the learning phase (shaded); kl_target on the KL, the entropy coefficient beside the lr if > 0."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
@@ -1274,15 +1251,12 @@ def diagnose(rows: list[dict]) -> list[str]:
 
 def finish_run(config: Config, run: RunConfig, log: RunLog, best: BestPolicy, net: ActorCritic,
                ending: Ending) -> dict:
-    """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy
-    evaluation, summary.json, the plot and the GIF; returns the summary. A run cut short (a signal, an
-    error) plays no greedy episode: no candidate check, no evaluation, no GIF, so that it ends within
-    a signal's grace period (docker's 10 s); `--eval best.pt` makes the GIF later. After a divergence
-    the non-finite weights are neither final.pt nor a candidate. A step that fails for any reason (a
-    full disk, memory running out, a bug) is skipped with one line, into ending.cleanup_failures, and
-    the run goes on to its other files; summary.json, rewritten if a later step failed, and the exit
-    status say what failed. A run that ended as configured without solving prints why it did not
-    learn (diagnose), also summary.json's `diagnosis`."""
+    """The end of a run: final.pt, the final weights as a best.pt candidate, best.pt's greedy evaluation,
+    summary.json, the plot, the GIF; returns the summary. A run cut short (a signal, an error) plays no
+    greedy episode, to end within a signal's grace period (docker's 10 s); non-finite weights are neither
+    final.pt nor a candidate. A failing step is skipped with one line (ending.cleanup_failures) and the
+    rest go on; summary.json and the exit status say what failed. An unsolved run that ended as
+    configured says why it did not learn (diagnose)."""
     out_dir, tracker = log.out_dir, log.tracker
 
     def error_line() -> str | None:  # at the iteration it stopped in, whole iterations logged before it
@@ -1376,13 +1350,10 @@ def nonfinite(stats: dict, net: nn.Module) -> list[str]:
 
 
 def train(config: Config, run: RunConfig = RunConfig()) -> dict:
-    """Train PPO as configured (ppo_iterations), write the run folder, return the summary (also
-    summary.json). Here is what a run does with each iteration: the episodes and metrics CSVs,
-    best.pt's turn, the stop. The sizes are Config's as given: the torch backend wants larger ones,
-    BACKEND_SIZES["torch"], which parse_args fills in for the size flags left out. Ctrl-C (or a signal
-    main turns into Interrupted), a NaN or infinite loss, gradient norm or parameter, or any error ends
-    the loop early; an error is raised again once the files are written, unless it is a RunStopped
-    (one line)."""
+    """Train PPO (ppo_iterations), write the run folder, return the summary. Each iteration: the CSVs,
+    best.pt's turn, the stop. The sizes are Config's as given; the torch backend wants BACKEND_SIZES["torch"]
+    (parse_args fills them in). A signal, a non-finite update or any error ends the loop early; an error is
+    raised again once the files are written, unless it is a RunStopped (one line)."""
     log = RunLog(config, resolve(run, config.env_id))  # first: it claims the run folder
     run = log.run
     device = torch.device(run.device)
@@ -1534,17 +1505,12 @@ class BestEffort:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done; 1 stopped early (diverged, the env returned NaN, a file could not be
-    written, memory ran out, a clean-up step failed, or the env raised: then its traceback); 2 a user
-    error (bad flag, bad checkpoint, a run folder taken); else 128 + the number of the signal that
-    ended the run as Ctrl-C does, on Linux: 130 SIGINT, Ctrl-C; 143 SIGTERM, kill, timeout, docker stop,
-    a scheduler ending a job; 129 SIGHUP, the terminal closed; 138 SIGUSR1 and 140 SIGUSR2, a
-    scheduler's warning before its time limit (ENDING_SIGNALS: who sends which). Not caught: SIGKILL
-    (nothing can; the kernel's OOM killer sends it), the signals whose default is a core dump (SIGQUIT,
-    Ctrl-\\, asks for one; SIGXCPU, a CPU-time limit, repeats every second) and SIGPIPE (Python
-    ignores it). A second signal during the clean-up stops it; the checkpoints, summary.json, plot
-    and GIF are written atomically and the CSVs a whole row at a time, so none is left half-written.
-    Messages are best-effort (BestEffort): the files come first."""
+    """Exit status: 0 done; 1 stopped early (diverged, a non-finite env, a failed write, memory, a failed
+    clean-up step, or the env raised: then its traceback); 2 a user error; else 128 + the number of the
+    signal that ended the run as Ctrl-C does (130 SIGINT, 143 SIGTERM, 129 SIGHUP, 138 SIGUSR1, 140
+    SIGUSR2: ENDING_SIGNALS says who sends which). SIGKILL cannot be caught; SIGQUIT and SIGXCPU dump core,
+    SIGPIPE Python ignores. Every file is written atomically (the CSVs a row at a time), so a second
+    signal during the clean-up leaves none half-written. Messages are best-effort: the files come first."""
     reopen_closed_stdio()
     replaced, streams = catch_ending_signals(), (sys.stdout, sys.stderr)
     sys.stdout, sys.stderr = BestEffort(sys.stdout), BestEffort(sys.stderr)
