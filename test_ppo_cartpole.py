@@ -1538,7 +1538,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_best_pt(tmp_path, mo
     monkeypatch.setattr(ppo, "ppo_update", poisoned_update)
     out = tmp_path / "run"
     assert ppo.main(QUICK + ["--episodes", "20", "--no-gif", "--out-dir", str(out)]) == 1
-    assert "diverged at iteration 3: the loss and gradient norm and parameters" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "diverged at iteration 3: the loss and gradient norm and parameters" in err
+    assert "stopping. Try a lower --lr (now 0.00255)." in err  # clipping is on (0.5): not suggested again
     summary = json.loads((out / "summary.json").read_text())
     assert summary["divergence"].startswith("iteration 3") and summary["iterations"] == 4 and len(read_csv(out / "metrics.csv")) == 4
     net, _ = ppo.load_agent(out / "best.pt")
