@@ -1137,6 +1137,16 @@ def test_a_rollout_of_the_torch_backend_neither_reads_the_host_nor_sizes_by_the_
     assert "nonzero" in reads.seen and "_local_scalar_dense" in reads.seen
 
 
+def test_minibatch_stats_are_detached_so_that_keeping_them_keeps_no_graph():
+    """The update keeps every minibatch's stats until its end: with their graphs, each would hold its
+    minibatch's activations. Planted: the detach dropped."""
+    net, inputs = small_net(), rollout_tensors()
+    loss, stats = ppo.minibatch_loss(net, *inputs, clip_eps=0.2, value_clip_eps=0.2, value_coef=0.5, entropy_coef=0.01)
+    assert loss.requires_grad and stats.keys() == {"policy_loss", "value_loss", "entropy", "loss", "approx_kl",
+                                                   "clip_fraction"}
+    assert not any(value.requires_grad or value.grad_fn is not None for value in stats.values())
+
+
 def test_a_sample_at_the_clip_boundary_is_not_counted_as_clipped():
     """The clip fraction counts |r - 1| > eps, strictly: pi == pi_old is never clipped, even at eps 0."""
     net = small_net()
@@ -1389,6 +1399,27 @@ def test_the_loop_passes_each_setting_to_its_own_argument(tmp_path, monkeypatch)
     ppo.main(QUICK + argv + ["--episodes", "1", "--normalize-advantages", "--confirm-episodes", "0", "--no-plot",
                              "--no-gif", "--out-dir", str(tmp_path / "run")])
     assert seen == flags | {"normalize_advantages": True}
+
+
+def test_the_loop_hands_the_update_gaes_advantages_and_returns_in_their_places(monkeypatch):
+    """Planted: advantages and returns swapped on their way to ppo_update (both [T, N] tensors)."""
+    real_gae, real_update, made, given = ppo.compute_gae, ppo.ppo_update, [], []
+
+    def recording_gae(*args):
+        made.append(real_gae(*args))
+        return made[-1]
+
+    def recording_update(net, optimizer, rollout, advantages, returns, **settings):
+        given.append((advantages, returns))
+        return real_update(net, optimizer, rollout, advantages, returns, **settings)
+
+    monkeypatch.setattr(ppo, "compute_gae", recording_gae)
+    monkeypatch.setattr(ppo, "ppo_update", recording_update)
+    config = ppo.Config(num_envs=4, buffer_size=64, minibatch_size=32, num_iterations=2)
+    envs = ppo.make_envs("CartPole-v1", 4, torch.device("cpu"))
+    list(ppo.ppo_iterations(config, envs, small_net()))
+    envs.close()
+    assert len(given) == 2 and all(a is m[0] and r is m[1] for (a, r), m in zip(given, made))
 
 
 def test_the_loop_runs_gae_on_each_rollouts_own_rewards_values_and_dones(monkeypatch):
