@@ -41,6 +41,7 @@ CANDIDATES = {
     "lambda 0.95": "--gae-lambda 0.95",
     "clip 0.3": "--clip-eps 0.3",
     "the post's entropy schedule": "--entropy-coef 0.02 --entropy-floor 0.001",
+    "lr 5e-3, lambda 0.9": "--lr 5e-3 --gae-lambda 0.9",
     "rl-zoo's shape (8 x 32, 20 epochs of 1)": "--num-envs 8 --buffer-size 256 --minibatch-size 256 "
                                                "--update-epochs 20 --lr 1e-3 --gamma 0.98",
 }
