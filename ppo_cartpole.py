@@ -560,11 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
             flag = dict(field.metadata)
             names = [flag_name(field.name), *flag.pop("aliases", ())]
             kind = next(t for t in typing.get_args(types[field.name]) or [types[field.name]] if t is not type(None))
-            default = None if field.name in SIZES else field.default
-            if field.name in SIZES:
+            default = field.default
+            if field.name in SIZES:  # None: parse_args fills in the backend's
+                default = None
                 flag["help"] += " (default: {}; torch backend: {})".format(*(BACKEND_SIZES[b][field.name]
                                                                               for b in ("gymnasium", "torch")))
-            elif field.default is not None:
+            elif default is not None:
                 flag["help"] += f" (default: {field.default})"
             if "allowed" in flag:
                 flag["help"] += f" (allowed: {flag.pop('allowed')})"
@@ -634,9 +635,9 @@ def in_interval(value: float, interval: str) -> bool:
 def check_config(c: Config, run: RunConfig) -> None:
     """Every value of a Config and a resolved RunConfig in its range (nan and inf never train; the sizes'
     upper bounds take about 3 GB), and a run folder without an earlier run."""
-    for config in (c, run):
-        for field in dataclasses.fields(config):
-            value, allowed = getattr(config, field.name), field.metadata.get("allowed")
+    for settings in (c, run):
+        for field in dataclasses.fields(settings):
+            value, allowed = getattr(settings, field.name), field.metadata.get("allowed")
             flag = "/".join([flag_name(field.name), *field.metadata.get("aliases", ())])
             if isinstance(value, float):  # what torch computes in: a finite float32
                 require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag, f"a finite number, got {value}")

@@ -8,7 +8,6 @@ import ast
 import csv
 import dataclasses
 import errno
-import importlib
 import io
 import json
 import math
