@@ -303,10 +303,10 @@ def ppo_update(net: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollou
 
 
 # ==== The loop: collect, advantages, update =======================================================
-def ppo_iterations(config: Config, envs, net: nn.Module):
+def ppo_iterations(config: Config, envs, net: nn.Module, optimizer: torch.optim.Optimizer):
     """Algorithm 1: yields (rollout, ppo_update's stats + lr, entropy_coef, collect_ and update_seconds)
-    per iteration; the caller seeds torch, logs, saves, stops. Needs: Config, Collector, compute_gae, ppo_update."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)
+    per iteration; the caller seeds torch, makes the optimizer over net's parameters (torch.optim.Adam, or
+    train's `Adam`; its lr is set here), logs, saves, stops. Needs: Config, Collector, compute_gae, ppo_update."""
     collector = Collector(envs, config.buffer_size // config.num_envs, config.seed, next(net.parameters()).device)
     for iteration in range(config.num_iterations):
         optimizer.param_groups[0]["lr"] = lr = lr_at(iteration, config.num_iterations, config.lr, config.anneal_lr)
@@ -1098,6 +1098,37 @@ def plot_training(episodes: list[dict], metrics: list[dict], target_return: floa
     return fig
 
 
+# ==== Adam, without torch.optim's start-up cost ===================================================
+class Adam:
+    """torch.optim.Adam at its defaults (Kingma & Ba 2015, Algorithm 1), the same update to float rounding
+    (a test), for `train`: the first use of torch.optim imports torch._dynamo, about 1.5 s of a 6 s CPU run
+    to solve (docs/speed.md). lr: param_groups[0]["lr"], read at each step. Every parameter needs a grad."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.param_groups = [{"lr": lr}]
+        self.betas, self.eps, self.steps = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]  # first moment: the mean of the gradient
+        self.v = [torch.zeros_like(p) for p in self.params]  # second: of its square
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        (beta1, beta2), lr = self.betas, self.param_groups[0]["lr"]
+        self.steps += 1
+        grads = [p.grad for p in self.params]
+        torch._foreach_lerp_(self.m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g, one kernel for all
+        torch._foreach_mul_(self.v, beta2)
+        torch._foreach_addcmul_(self.v, grads, grads, 1 - beta2)
+        denominator = torch._foreach_sqrt(self.v)  # sqrt(v / (1 - beta2^t)) + eps, as torch.optim
+        torch._foreach_div_(denominator, math.sqrt(1 - beta2 ** self.steps))
+        torch._foreach_add_(denominator, self.eps)
+        torch._foreach_addcdiv_(self.params, self.m, denominator, -lr / (1 - beta1 ** self.steps))
+
+
 # ==== The run: train, the end of a run ===========================================================
 EXIT_STATUS = {"done": 0, "stopped early": 1, "user error": 2}  # a signal's: 128 + its number (Ending)
 
@@ -1362,12 +1393,13 @@ def train(config: Config, run: RunConfig = RunConfig()) -> dict:
     torch.manual_seed(config.seed)  # the network's init, sampling and shuffling: one seed, as CleanRL
     envs = make_envs(config.env_id, config.num_envs, device, run.env_backend, run.vectorization_mode)
     net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    optimizer = Adam(net.parameters(), lr=config.lr)
     best = BestPolicy(log.out_dir / "best.pt", config.env_id, run.confirm_episodes,
                       config.seed + CONFIRM_SEED_OFFSET, dataclasses.asdict(config) | dataclasses.asdict(run))
     ending = Ending()
     bar = tqdm(total=config.num_iterations, desc="PPO", mininterval=0.5)
     try:
-        for iteration, (rollout, stats) in enumerate(ppo_iterations(config, envs, net)):
+        for iteration, (rollout, stats) in enumerate(ppo_iterations(config, envs, net, optimizer)):
             # The episodes that ended: their returns, EMA, last-100 mean, and the solve.
             ended = log.episodes(iteration, rollout)
             solved = log.tracker.solved_at_step is not None

@@ -1416,9 +1416,36 @@ def test_the_loop_hands_the_update_gaes_advantages_and_returns_in_their_places(m
     monkeypatch.setattr(ppo, "ppo_update", recording_update)
     config = ppo.Config(num_envs=4, buffer_size=64, minibatch_size=32, num_iterations=2)
     envs = ppo.make_envs("CartPole-v1", 4, torch.device("cpu"))
-    list(ppo.ppo_iterations(config, envs, small_net()))
+    net = small_net()
+    list(ppo.ppo_iterations(config, envs, net, torch.optim.Adam(net.parameters(), lr=config.lr)))
     envs.close()
     assert len(given) == 2 and all(a is m[0] and r is m[1] for (a, r), m in zip(given, made))
+
+
+@pytest.mark.parametrize("betas, eps", [((0.9, 0.999), 1e-8), ((0.5, 0.9), 1e-3)])
+def test_adam_takes_the_steps_torch_optims_adam_takes(betas, eps):
+    nets = [small_net(seed=1), small_net(seed=1)]
+    ours = ppo.Adam(nets[0].parameters(), lr=1e-2, betas=betas, eps=eps)
+    theirs = torch.optim.Adam(nets[1].parameters(), lr=1e-2, betas=betas, eps=eps, foreach=False)
+    obs = torch.randn(40, 16, 4, generator=torch.Generator().manual_seed(0))
+    for step, x in enumerate(obs):
+        for net, optimizer in zip(nets, (ours, theirs)):
+            optimizer.param_groups[0]["lr"] = 1e-2 / (1 + step)  # set between steps, as the loop does
+            optimizer.zero_grad()
+            logits, values = net(x)
+            (logits.logsumexp(-1) + values ** 2).mean().backward()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max((a - small_net(seed=1).state_dict()[k]).abs().max() for k, a in nets[0].state_dict().items()) > 0.01
+
+
+def test_adams_zero_grad_clears_every_gradient():
+    net = small_net()
+    optimizer = ppo.Adam(net.parameters(), lr=1e-3)
+    sum(t.sum() for t in net(torch.ones(2, 4))).backward()
+    optimizer.zero_grad()
+    assert [p.grad for p in net.parameters()] == [None] * len(list(net.parameters()))
 
 
 def test_the_loop_runs_gae_on_each_rollouts_own_rewards_values_and_dones(monkeypatch):
@@ -1431,7 +1458,8 @@ def test_the_loop_runs_gae_on_each_rollouts_own_rewards_values_and_dones(monkeyp
     monkeypatch.setattr(ppo, "compute_gae", recording_gae)
     config = ppo.Config(num_envs=4, buffer_size=64, minibatch_size=32, num_iterations=2, gamma=0.97, gae_lambda=0.9)
     envs = ppo.make_envs("CartPole-v1", 4, torch.device("cpu"))
-    rollouts = [rollout for rollout, _ in ppo.ppo_iterations(config, envs, small_net())]
+    net = small_net()
+    rollouts = [rollout for rollout, _ in ppo.ppo_iterations(config, envs, net, ppo.Adam(net.parameters(), lr=1e-3))]
     assert len(calls) == 2
     for args, rollout in zip(calls, rollouts):
         assert [a is b for a, b in zip(args, (rollout.rewards, rollout.values, rollout.dones, rollout.last_value))] \
@@ -2752,6 +2780,17 @@ def test_a_clean_up_step_that_fails_is_skipped_and_the_run_goes_on(tmp_path, mon
     assert summary["error"] == f"iteration 3: {line}" and summary["exit_status"] == 1
     assert not (out / "training.png").exists()
     Image.open(out / "agent.gif").verify()
+
+
+@pytest.mark.shell
+def test_a_run_from_the_shell_never_imports_torch_dynamo(tmp_path):
+    # What the script's own Adam is for: torch.optim's first use imports torch._dynamo (~1.5 s).
+    check = ("import atexit, runpy, sys; atexit.register(lambda: print('dynamo', 'torch._dynamo' in sys.modules)); "
+             f"sys.argv = ['ppo_cartpole.py', *{QUICK!r}, '--episodes', '2', '--out-dir', {str(tmp_path / 'run')!r}]; "
+             f"runpy.run_path({str(Path(ppo.__file__))!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "dynamo False", proc.stderr
+    assert (tmp_path / "run" / "training.png").exists() and (tmp_path / "run" / "agent.gif").exists()
 
 
 @pytest.mark.shell
