@@ -56,7 +56,7 @@ class Config:
     num_iterations: int = option(2000, "rollout+update iterations (the post calls one an 'episode')",
                                  aliases=("--episodes", "--iterations"), metavar="N", allowed="[1, 1e9]")
     update_epochs: int = option(4, "K passes over each rollout", allowed="[1, 100]")
-    lr: float = option(5e-3, "Adam learning rate", allowed="(0, 1e30]")
+    lr: float = option(3e-3, "Adam learning rate", allowed="(0, 1e30]")
     anneal_lr: bool = option(True, "decay the learning rate linearly to 0 over the run")
     gamma: float = option(0.995, "discount: a horizon of 1 / (1 - gamma) = 200 steps", allowed="[0, 1]")
     gae_lambda: float = option(0.8, "GAE lambda", allowed="[0, 1]")
