@@ -1,7 +1,7 @@
 """`make mutate`: plant single-line bugs in PPO with mutmut and count how many the fast tests catch.
 
 The scope is the algorithm part of ppo_cartpole.py (everything above its banner) plus
-make_envs, NumpyToTorch, TorchCartPole, ReturnTracker, BestPolicy, train, its divergence check
+make_envs, NumpyToTorch, TorchCartPole, ReturnTracker, BestPolicy, the script's Adam, train, its divergence check
 (nonfinite) and its Ending, how a run ends: out_of_memory, describe, catch_ending_signals,
 BestEffort, and why it did not learn: diagnose, its rules (DIAGNOSES) and their helpers later_half
 and mean_of. A mutant that survives must be killed by a new test or listed in mutation/explained.md
@@ -38,7 +38,7 @@ FUNCTIONS = ["make_envs", "layer_init", "compute_gae", "clipped_surrogate_loss",
              "policy_collapsed", "policy_frozen", "entropy_bonus_dominates", "horizon_too_short", "critic_not_learning",
              "diagnose"]
 CLASSES = ["NumpyToTorch", "ActorCritic", "Collector", "ReturnTracker", "BestPolicy", "TorchCartPole", "Ending",
-           "BestEffort"]
+           "BestEffort", "Adam"]
 PATTERNS = ([f"{MODULE}.x_{name}__mutmut_*" for name in FUNCTIONS]
             + [f"{MODULE}.x\u01c1{name}\u01c1*" for name in CLASSES])  # mutmut names a method xǁClassǁmethod
 
