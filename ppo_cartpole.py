@@ -1212,15 +1212,23 @@ def mean_of(rows: list[dict], key: str) -> float:
 
 
 def policy_collapsed(rows: list[dict]) -> str | None:
-    """The lr far too high: an update moves the policy so far that it plays one action, and with
-    nothing else sampled it has nothing left to learn from."""
+    """The lr far too high: an update moves the network so far that the policy plays one action, or
+    that every hidden ReLU is off for every state (the critic then predicts one value for all states:
+    explained variance exactly 0). Either way it has nothing left to learn from."""
     late, peak = later_half(rows), max(rows, key=lambda row: float(row["approx_kl"]))
     peak_kl, entropy = float(peak["approx_kl"]), mean_of(late, "entropy")
-    if peak_kl > 1 and entropy < 0.1:
-        return (f"approx KL reached {peak_kl:.3g} at iteration {peak['iteration']} (healthy runs: "
-                f"below 0.1) and the entropy averaged {entropy:.1g} over the last {len(late)} "
-                f"iterations (healthy runs: 0.35 or more until they solve): an update moved the policy so far that it "
-                f"plays one action; try a lower --lr")
+    if peak_kl <= 1:
+        return None
+    since = (f"approx KL reached {peak_kl:.3g} at iteration {peak['iteration']} (healthy runs: below 0.1) and ")
+    if entropy < 0.1:
+        return (f"{since}the entropy averaged {entropy:.1g} over the last {len(late)} iterations (healthy runs: "
+                f"0.35 or more until they solve): an update moved the policy so far that it plays one action; "
+                f"try a lower --lr")
+    if all(abs(float(row["explained_variance"])) < 1e-6 for row in late):
+        return (f"{since}explained variance was 0 in each of the last {len(late)} iterations (healthy runs: 0.1 or "
+                f"more from iteration 10): an update moved the network so far that its hidden units are off for "
+                f"every state, so the critic predicts one value for all and the policy ignores the state; try a "
+                f"lower --lr")
 
 
 def policy_frozen(rows: list[dict]) -> str | None:

@@ -2465,6 +2465,21 @@ def test_policy_collapsed_when_approx_kl_once_passed_1_and_the_entropy_is_below_
     assert ppo.policy_collapsed(rows(entropy=0.2)) is None  # it went far, but the policy still explores
 
 
+def test_policy_collapsed_when_approx_kl_once_passed_1_and_the_critic_then_predicts_one_value_everywhere():
+    def rows(peak=26.4, explained=0.0, late_row=None):  # --lr 1 --seed 1: iteration 0 killed every hidden unit
+        explained = [0.01] + [explained] * 59 if late_row is None else [0.0] * 59 + [late_row]
+        return metrics_rows(approx_kl=[peak] + [0.01] * 59, entropy=0.66, explained_variance=explained)
+    message = ppo.policy_collapsed(rows())
+    assert message.startswith("approx KL reached 26.4 at iteration 0 (healthy runs: below 0.1) and explained variance "
+                              "was 0 in each of the last 30 iterations") and message.endswith("try a lower --lr")
+    assert "hidden units are off for every state" in message
+    assert ppo.policy_collapsed(rows(explained=5e-7)) is not None  # float rounding of a constant critic
+    assert ppo.policy_collapsed(rows(explained=2e-6)) is None  # a critic that sees the state, if barely
+    assert ppo.policy_collapsed(rows(explained=-1e-3)) is None  # worse than a constant: not a constant
+    assert ppo.policy_collapsed(rows(late_row=0.3)) is None  # one iteration where it saw the state
+    assert ppo.policy_collapsed(rows(peak=0.9)) is None  # no update went that far: a critic stuck at 0 is not this
+
+
 def test_policy_frozen_when_approx_kl_falls_below_1e_6():
     message = ppo.policy_frozen(metrics_rows(approx_kl=5e-7))
     assert message.startswith("approx KL averaged 5e-07 over the last 30 iterations")
