@@ -33,7 +33,7 @@ test-floors:  ## the fast suite on the lowest version of each package requiremen
 	sed -nE 's/^([^#>]+)>=([0-9.]+).*/\1==\2/p' requirements.txt | xargs .venv-floors/bin/python -m pip install -q
 	.venv-floors/bin/python -m pytest -m "not slow" -q -n auto
 
-mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the fast tests catch (~20 min on 2 cores; not in CI)
+mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the fast tests catch (~26 min on 2 cores; not in CI)
 	$(PYTHON) -m pip install -q -r mutation/requirements.txt
 	$(PYTHON) mutation/score.py
 
