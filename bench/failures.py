@@ -62,6 +62,10 @@ PANELS = [  # metrics.csv column, title, log scale
     ("lr", "lr (log); entropy coefficient (dashed, right)", True),
 ]
 LOG_FLOOR = 1e-10  # a KL of exactly 0 (a policy that plays one action) on a log axis
+# The gallery's runs kept small for the fast tests (bench/test_failures.py): the columns the rules
+# read, a healthy run up to its solve. <mode's slug>__seed<S>.csv
+FIXTURES = ROOT / "bench" / "gallery" / "CartPole-v1"
+FIXTURE_COLUMNS = ["iteration", "approx_kl", "entropy", "entropy_coef", "value_loss", "explained_variance"]
 
 
 def rel(path: Path) -> str:
@@ -116,6 +120,18 @@ def check(r: dict, rule: str | None) -> list[str]:
         problems += [f"cut at {len(rows)} iterations: {ppo.diagnose(rows)}" for rows in healthy_cuts(r)
                      if ppo.diagnose(rows)]
     return [f"{r['name']}, seed {r['seed']}: {problem}" for problem in problems]
+
+
+def write_fixture(r: dict, folder: Path) -> None:
+    """Run r's metrics, the columns the rules read (6 significant digits), up to its solve if it solved."""
+    solved_at = r["summary"]["solved_at_iteration"]
+    rows = r["rows"] if solved_at is None else r["rows"][:solved_at + 1]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{slug(r['name'])}__seed{r['seed']}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIXTURE_COLUMNS)
+        writer.writerows([row["iteration"], *(format(float(row[key]), ".6g") for key in FIXTURE_COLUMNS[1:])]
+                         for row in rows)
 
 
 def late_figures(rows: list[dict]) -> dict:
@@ -218,6 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "failures")
     parser.add_argument("--figures", type=Path, default=ROOT / "assets" / "failures", help="a PNG per failure mode")
+    parser.add_argument("--fixtures", type=Path, default=FIXTURES, help="the runs' metrics, small, for the tests")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -233,6 +250,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     for name, flags, _, _ in MODES[1:]:
         plot(name, flags, results[name], results[HEALTHY], args.figures / f"{slug(name)}.png")
+    for r in (r for group in results.values() for r in group):
+        write_fixture(r, args.fixtures)
     command = " ".join(["python bench/failures.py", *(sys.argv[1:] if argv is None else argv)])
     runs = [r for group in results.values() for r in group]
     training = sum(r["summary"]["seconds"] for r in runs)
@@ -244,7 +263,7 @@ def main(argv=None) -> int:
             f"The diagnosis of each failure mode's run (seed 1):\n\n"
             + "\n".join(f"- {name}: {results[name][0]['summary']['diagnosis']}" for name, *_ in MODES[1:]) + "\n")
     (args.out / "failures.md").write_text(text)
-    print(f"\n{text}\nwrote {rel(args.out / 'failures.md')} and {rel(args.figures)}/")
+    print(f"\n{text}\nwrote {rel(args.out / 'failures.md')}, {rel(args.figures)}/ and {rel(args.fixtures)}/")
     for problem in problems:
         print(f"calibration: {problem}", file=sys.stderr)
     return 1 if problems else 0

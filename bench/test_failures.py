@@ -1,8 +1,11 @@
 """bench/failures.py's verdicts on hand-made runs: it must catch a run that gets a diagnosis other
 than its mode's, and a healthy run that would speak if cut short; and its figure draws."""
 
+import csv
 import sys
 from pathlib import Path
+
+import pytest
 
 from PIL import Image
 
@@ -48,3 +51,27 @@ def test_the_figure_draws_a_mode_beside_the_healthy_runs(tmp_path):
     failures.plot("entropy bonus too large", "--entropy-coef 20", [bonus], [fake_run(rows(), [])], tmp_path / "m.png")
     with Image.open(tmp_path / "m.png") as image:
         assert image.format == "PNG" and image.size[0] > 1000
+
+
+RULE_OF = {failures.slug(name): rule for name, _, rule, _ in failures.MODES} | {
+    failures.slug(name): None for name, _ in failures.CUT_SHORT}
+RECORDED = sorted(failures.FIXTURES.glob("*.csv"))
+
+
+def test_the_gallery_is_recorded_for_every_mode_and_seed():
+    assert {path.name.split("__")[0] for path in RECORDED} == set(RULE_OF) and len(RECORDED) == 3 * len(RULE_OF)
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[path.stem for path in RECORDED])
+def test_each_recorded_run_gets_its_own_modes_diagnosis_and_a_healthy_one_none_at_any_cut(path):
+    """The calibration of ppo.DIAGNOSES on the gallery's own runs (make failures writes them):
+    a failing run gets its rule's message and no other; a healthy run, cut anywhere from 10 iterations
+    to its solve or end, gets none."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    rule = RULE_OF[path.name.split("__")[0]]
+    if rule is None:
+        assert [n for n in range(10, len(rows) + 1) if ppo.diagnose(rows[:n])] == []
+    else:
+        message = getattr(ppo, rule)(rows)
+        assert message is not None and ppo.diagnose(rows) == [message]
