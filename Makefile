@@ -37,7 +37,7 @@ mutate: $(STAMP)  ## plant single-line bugs in PPO (mutmut) and count what the f
 	$(PYTHON) -m pip install -q -r mutation/requirements.txt
 	$(PYTHON) mutation/score.py
 
-mutate-semantic: $(STAMP)  ## plant the bugs mutmut cannot (a value scaled, a threshold moved, a mask inverted, ...) and count what the fast tests catch (~20 min on 2 cores; not in CI)
+mutate-semantic: $(STAMP)  ## plant the bugs mutmut cannot (a value scaled, a threshold moved, a mask inverted, ...) and count what the fast tests catch (~28 min on 2 cores; not in CI)
 	$(PYTHON) mutation/semantic.py
 
 bench: $(STAMP)  ## ours against Stable-Baselines3 (rl-zoo settings), 5 seeds each, then env backends (~3 min)
