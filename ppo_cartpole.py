@@ -331,7 +331,7 @@ def ppo_iterations(config: Config, envs, net: nn.Module, optimizer: torch.optim.
 # ##################################################################################################
 #   PPO ends above. What follows is the machinery of a run: the environments (gymnasium's or CartPole
 #   in torch), the command line, files and checkpoints, tracking (returns, best.pt, the run log),
-#   greedy play, the plot, the run itself (train) and main.
+#   greedy play, the plot, an Adam without torch.optim's start-up, the run itself (train) and main.
 # ##################################################################################################
 
 
@@ -1120,7 +1120,7 @@ class Adam:
         (beta1, beta2), lr = self.betas, self.param_groups[0]["lr"]
         self.steps += 1
         grads = [p.grad for p in self.params]
-        torch._foreach_lerp_(self.m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g, one kernel for all
+        torch._foreach_lerp_(self.m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g, every tensor in one call
         torch._foreach_mul_(self.v, beta2)
         torch._foreach_addcmul_(self.v, grads, grads, 1 - beta2)
         denominator = torch._foreach_sqrt(self.v)  # sqrt(v / (1 - beta2^t)) + eps, as torch.optim
