@@ -1219,7 +1219,7 @@ def policy_collapsed(rows: list[dict]) -> str | None:
     peak_kl, entropy = float(peak["approx_kl"]), mean_of(late, "entropy")
     if peak_kl <= 1:
         return None
-    since = (f"approx KL reached {peak_kl:.3g} at iteration {peak['iteration']} (healthy runs: below 0.3) and ")
+    since = f"approx KL reached {peak_kl:.3g} at iteration {peak['iteration']} (healthy runs: below 0.3) and "
     if entropy < 0.1:
         return (f"{since}the entropy averaged {entropy:.1g} over the last {len(late)} iterations (healthy runs: "
                 f"0.35 or more until they solve): an update moved the policy so far that it plays one action; "

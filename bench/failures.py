@@ -123,10 +123,10 @@ def check(r: dict, rule: str | None) -> list[str]:
 
 
 def write_fixture(r: dict, folder: Path) -> None:
-    """Run r's metrics, the columns the rules read (6 significant digits), up to its solve if it solved."""
+    """Run r's metrics into `folder` (made), the columns the rules read (6 significant digits), up to its solve
+    if it solved."""
     solved_at = r["summary"]["solved_at_iteration"]
     rows = r["rows"] if solved_at is None else r["rows"][:solved_at + 1]
-    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{slug(r['name'])}__seed{r['seed']}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FIXTURE_COLUMNS)
@@ -250,10 +250,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     for name, flags, _, _ in MODES[1:]:
         plot(name, flags, results[name], results[HEALTHY], args.figures / f"{slug(name)}.png")
-    for r in (r for group in results.values() for r in group):
+    runs = [r for group in results.values() for r in group]
+    args.fixtures.mkdir(parents=True, exist_ok=True)
+    for r in runs:
         write_fixture(r, args.fixtures)
     command = " ".join(["python bench/failures.py", *(sys.argv[1:] if argv is None else argv)])
-    runs = [r for group in results.values() for r in group]
     training = sum(r["summary"]["seconds"] for r in runs)
     text = (f"{table(results)}\n\n`{command}`: {len(runs)} runs, one at a time, {training:.0f} s of training in all"
             f" (each run's `seconds`); this call took {seconds:.0f} s wall (a run already in "
