@@ -1,16 +1,18 @@
-"""When PPO fails: the ways of breaking it, each a flag or two from the defaults, beside a healthy run.
+"""When PPO fails: the ways of breaking it, each a flag or two from the defaults, beside a healthy run, on two envs.
 
-Runs `ppo_cartpole.py` as a learner would, one command line per run: the defaults until solved,
-each failure mode for 150 iterations, and two healthy runs cut short (the defaults and the torch
-backend for 30 iterations), 3 seeds each, one process at a time, on the CPU. Each run prints
-(and writes to summary.json) its own diagnosis; this script checks the calibration of the
+Runs `ppo_cartpole.py` as a learner would, one command line per run, on CartPole-v1 and Acrobot-v1
+(3 actions, -1 a step, 500-step episodes): the defaults until solved, each failure mode for 150
+iterations, and the healthy runs cut short (the defaults for 30 iterations; on CartPole the torch
+backend too, which is CartPole's alone), 3 seeds each, one process at a time, on the CPU. Each run
+prints (and writes to summary.json) its own diagnosis; this script checks the calibration of the
 script's DIAGNOSES on them: every run of a failure mode gets its own rule's message and no
 other, and the healthy runs get none, nor would at any iteration before they solve. It writes
-the gallery's table and the figures: per failure mode, its diagnostic panels beside the healthy
-run's (docs/failures.md).
+the gallery's tables and the figures: per env and failure mode, its diagnostic panels beside the
+healthy runs' (docs/failures.md).
 
-    python bench/failures.py             # the gallery: 24 runs, about 6 min on 2 busy cores
-    python bench/failures.py --seeds 1   # a smaller one
+    python bench/failures.py                         # both galleries: 45 runs, about 15 min on 2 cores
+    python bench/failures.py --envs Acrobot-v1       # one
+    python bench/failures.py --seeds 1               # a smaller one
 """
 
 import argparse
@@ -31,26 +33,45 @@ sys.path.insert(0, str(ROOT))
 import ppo_cartpole as ppo  # noqa: E402
 
 HEALTHY = "healthy"
-# (name, flags, the rule of ppo.DIAGNOSES its runs must get (None: no diagnosis), the figures that give it away)
-MODES = [
-    (HEALTHY, "--stop-when-solved", None, "entropy falls slowly, 0.69 to ~0.37 at the solve; approx KL ~0.01; "
-     "explained variance near 1 from ~30k steps"),
-    ("lr far too high", "--lr 1 --episodes 150", "policy_collapsed",
-     "the first update: approx KL 10 to 100, clip fraction ~0.9; then entropy below 0.1 and KL ~0 (one action), "
-     "or entropy near 0.69 with explained variance exactly 0 (every hidden unit off: seed 1)"),
-    ("lr far too low", "--lr 1e-5 --episodes 150", "policy_frozen",
-     "approx KL ~1e-8 (healthy ~1e-2), clip fraction 0, entropy flat at 0.693"),
-    ("entropy bonus too large", "--entropy-coef 20 --entropy-floor 20 --episodes 150", "entropy_bonus_dominates",
-     "entropy flat at 0.68 with the coefficient at 20; approx KL ~2e-4; clip fraction 0"),
-    ("horizon too short", "--gamma 0.8 --episodes 150", "horizon_too_short",
-     "value loss ~0.005, 100 times below healthy; the last-100 mean rises to ~270, then slides back"),
-    ("no value loss", "--value-coef 0 --episodes 150", "critic_not_learning",
-     "explained variance below 0 throughout; value loss flat at ~9; entropy falls to ~0.03 while returns are "
-     "under 150"),
-]
-# Healthy runs that did not get to solve: they must get no diagnosis.
-CUT_SHORT = [("defaults cut short", "--episodes 30"),
-             ("torch backend cut short", "--env-backend torch --episodes 30")]
+# Per env: its modes, each (name, flags, the rule of ppo.DIAGNOSES its runs must get (None: no diagnosis),
+# the figures that give it away), the healthy run first; then the healthy runs cut short before their solve,
+# which must get no diagnosis. Every run adds --env-id.
+GALLERIES = {
+    "CartPole-v1": dict(modes=[
+        (HEALTHY, "--stop-when-solved", None, "entropy falls slowly, 0.69 to ~0.37 at the solve; approx KL ~0.01; "
+         "explained variance near 1 from ~30k steps"),
+        ("lr far too high", "--lr 1 --episodes 150", "policy_collapsed",
+         "the first update: approx KL 10 to 100, clip fraction ~0.9; then entropy below 0.1 and KL ~0 (one action), "
+         "or entropy near 0.69 with explained variance exactly 0 (every hidden unit off: seed 1)"),
+        ("lr far too low", "--lr 1e-5 --episodes 150", "policy_frozen",
+         "approx KL ~1e-8 (healthy ~1e-2), clip fraction 0, entropy flat at 0.693"),
+        ("entropy bonus too large", "--entropy-coef 20 --entropy-floor 20 --episodes 150", "entropy_bonus_dominates",
+         "entropy flat at 0.68 with the coefficient at 20; approx KL ~2e-4; clip fraction 0"),
+        ("horizon too short", "--gamma 0.8 --episodes 150", "horizon_too_short",
+         "value loss ~0.005, 100 times below healthy; the last-100 mean rises to ~270, then slides back"),
+        ("no value loss", "--value-coef 0 --episodes 150", "critic_not_learning",
+         "explained variance below 0 throughout; value loss flat at ~9; entropy falls to ~0.03 while returns are "
+         "under 150"),
+    ], cut_short=[("defaults cut short", "--episodes 30"),
+                  ("torch backend cut short", "--env-backend torch --episodes 30")]),
+    "Acrobot-v1": dict(modes=[
+        (HEALTHY, "--stop-when-solved", None, "entropy falls from 1.10 (ln 3) to ~0.2 at the solve; approx KL ~0.01 to "
+         "0.04; explained variance below 0 (down to -2) for ~30 iterations, as the critic catches up, then near 1"),
+        ("lr far too high", "--lr 1 --episodes 150", "policy_collapsed",
+         "an early update: approx KL 190 to 460, clip fraction ~0.9; then one action (entropy ~0: seeds 1, 2), or "
+         "entropy ~0.89 with explained variance within 0.01 of 0 (seed 3)"),
+        ("lr far too low", "--lr 1e-5 --episodes 150", "policy_frozen",
+         "approx KL ~1e-9, clip fraction 0, entropy flat at 1.099 (ln 3)"),
+        ("entropy bonus too large", "--entropy-coef 20 --entropy-floor 20 --episodes 150", "entropy_bonus_dominates",
+         "entropy flat at 1.098 with the coefficient at 20; approx KL ~6e-4; clip fraction 0"),
+        ("horizon too short", "--gamma 0.5 --episodes 150", "horizon_too_short",
+         "value loss ~3e-5 (healthy: 1.3 or more); explained variance ~-40, as every return is a hair from -2; "
+         "the last-100 mean stays at -500"),
+        ("no value loss", "--value-coef 0 --episodes 150", "critic_not_learning",
+         "explained variance within 0.09 of 0 throughout (-0.02 on average); value loss flat at 9.6; policy loss "
+         "flat at ~4.3, every advantage about -4.3"),
+    ], cut_short=[("defaults cut short", "--episodes 30")]),
+}
 PANELS = [  # metrics.csv column, title, log scale
     ("mean100_return", "mean of the last 100 returns", False),
     ("policy_loss", "policy loss", False),
@@ -63,8 +84,8 @@ PANELS = [  # metrics.csv column, title, log scale
 ]
 LOG_FLOOR = 1e-10  # a KL of exactly 0 (a policy that plays one action) on a log axis
 # The gallery's runs kept small for the fast tests (bench/test_failures.py): the columns the rules
-# read, a healthy run up to its solve. <mode's slug>__seed<S>.csv
-FIXTURES = ROOT / "bench" / "gallery" / "CartPole-v1"
+# read, a healthy run up to its solve. <env id>/<mode's slug>__seed<S>.csv
+FIXTURES = ROOT / "bench" / "gallery"
 FIXTURE_COLUMNS = ["iteration", "approx_kl", "entropy", "entropy_coef", "value_loss", "explained_variance"]
 
 
@@ -77,24 +98,24 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def run(name: str, flags: str, seed: int, folder: Path) -> dict:
+def run(env_id: str, name: str, flags: str, seed: int, folder: Path) -> dict:
     """One run as a learner would start it, unless its folder already holds a finished one."""
-    run_dir = folder / f"{slug(name)}__seed{seed}"
-    command = ["ppo_cartpole.py", *shlex.split(flags), "--seed", str(seed), "--device", "cpu", "--no-gif",
+    run_dir = folder / env_id / f"{slug(name)}__seed{seed}"
+    command = ["ppo_cartpole.py", "--env-id", env_id, *shlex.split(flags), "--seed", str(seed), "--device", "cpu", "--no-gif",
                "--no-plot", "--out-dir", str(run_dir)]
     if not (run_dir / "summary.json").exists():
         if run_dir.exists():  # a run that did not finish: start it again
             shutil.rmtree(run_dir)
         child = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]], capture_output=True, text=True)
         if child.returncode:
-            raise SystemExit(f"error: {name!r}, seed {seed} failed:\n{child.stderr[-3000:]}")
+            raise SystemExit(f"error: {env_id} {name!r}, seed {seed} failed:\n{child.stderr[-3000:]}")
         (run_dir / "stdout.txt").write_text(child.stdout)
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     summary = json.loads((run_dir / "summary.json").read_text())
     printed = [line.removeprefix("why: ") for line in (run_dir / "stdout.txt").read_text().splitlines()
                if line.startswith("why: ")]
-    return dict(name=name, seed=seed, rows=rows, summary=summary, printed=printed)
+    return dict(env_id=env_id, name=name, seed=seed, rows=rows, summary=summary, printed=printed)
 
 
 def healthy_cuts(r: dict) -> list[list[dict]]:
@@ -119,15 +140,15 @@ def check(r: dict, rule: str | None) -> list[str]:
     if rule is None:
         problems += [f"cut at {len(rows)} iterations: {ppo.diagnose(rows)}" for rows in healthy_cuts(r)
                      if ppo.diagnose(rows)]
-    return [f"{r['name']}, seed {r['seed']}: {problem}" for problem in problems]
+    return [f"{r['env_id']} {r['name']}, seed {r['seed']}: {problem}" for problem in problems]
 
 
 def write_fixture(r: dict, folder: Path) -> None:
-    """Run r's metrics into `folder` (made), the columns the rules read (6 significant digits), up to its solve
+    """Run r's metrics into `folder`/<its env id> (made), the columns the rules read (6 significant digits), up to its solve
     if it solved."""
     solved_at = r["summary"]["solved_at_iteration"]
     rows = r["rows"] if solved_at is None else r["rows"][:solved_at + 1]
-    with open(folder / f"{slug(r['name'])}__seed{r['seed']}.csv", "w", newline="") as f:
+    with open(folder / r["env_id"] / f"{slug(r['name'])}__seed{r['seed']}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FIXTURE_COLUMNS)
         writer.writerows([row["iteration"], *(format(float(row[key]), ".6g") for key in FIXTURE_COLUMNS[1:])]
@@ -138,15 +159,16 @@ def late_figures(rows: list[dict]) -> dict:
     """The figures the rules read, over the later half of a run (ppo.later_half); the peak KL over all of it."""
     late = ppo.later_half(rows)
     figures = {key: ppo.mean_of(late, key) for key in ("entropy", "approx_kl", "value_loss", "explained_variance")}
+    figures["largest |explained variance|"] = max(abs(float(row["explained_variance"])) for row in late)
     figures["approx KL, its peak"] = max(float(row["approx_kl"]) for row in rows)
     figures["entropy / start"] = figures["entropy"] / float(rows[0]["entropy"])
     return figures
 
 
-def calibration(results: dict[str, list[dict]]) -> str:
+def calibration(results: dict[str, list[dict]], gallery: dict) -> str:
     """Each figure a rule reads: its range over each failure mode's runs, and over the healthy runs cut
     at every iteration from 10 up to their solve (or their end), the runs the rules must stay silent on."""
-    healthy = [rows for name in [HEALTHY, *(name for name, _ in CUT_SHORT)] for r in results[name]
+    healthy = [rows for name in [HEALTHY, *(name for name, _ in gallery["cut_short"])] for r in results[name]
                for rows in healthy_cuts(r)]
     columns = list(late_figures(results[HEALTHY][0]["rows"]))
     lines = ["| runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -156,7 +178,7 @@ def calibration(results: dict[str, list[dict]]) -> str:
                           for c in columns)
     lines.append(f"| healthy, cut at any iteration from 10 ({len(healthy)} cuts) | "
                  f"{spans([late_figures(rows) for rows in healthy])} |")
-    for name, _, rule, _ in MODES[1:]:
+    for name, _, rule, _ in gallery["modes"][1:]:
         lines.append(f"| {name} (`{rule}`) | {spans([late_figures(r['rows']) for r in results[name]])} |")
     return "\n".join(lines)
 
@@ -173,15 +195,15 @@ def overlaps(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(results: dict[str, list[dict]], gallery: dict) -> str:
     seeds = len(results[HEALTHY])
     lines = [f"| mode | flags | the figures that give it away | solved (seeds 1-{seeds}) | diagnosis |",
              "|---|---|---|---|---|"]
-    for name, flags, rule, figures in MODES:
+    for name, flags, rule, figures in gallery["modes"]:
         solved = ", ".join(f"{r['summary']['solved_at_step'] / 1e3:.0f}k" if r["summary"]["solved_at_step"] else "no"
                            for r in results[name])
         lines.append(f"| {name} | `{flags}` | {figures} | {solved} | {f'`{rule}`' if rule else 'none'} |")
-    for name, flags in CUT_SHORT:
+    for name, flags in gallery["cut_short"]:
         solved = ", ".join("yes" if r["summary"]["solved_at_step"] else "no" for r in results[name])
         lines.append(f"| {name} | `{flags}` | healthy, stopped before its solve | {solved} | none |")
     return "\n".join(lines)
@@ -191,7 +213,7 @@ def column(rows: list[dict], key: str) -> np.ndarray:
     return np.array([math.nan if row[key] in ("", None) else float(row[key]) for row in rows])
 
 
-def plot(name: str, flags: str, runs: list[dict], healthy: list[dict], path: Path) -> None:
+def plot(name: str, flags: str, runs: list[dict], healthy: list[dict], target: float, path: Path) -> None:
     """The diagnostic panels of one failure mode's runs (coloured) beside the healthy runs' (gray)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -219,11 +241,11 @@ def plot(name: str, flags: str, runs: list[dict], healthy: list[dict], path: Pat
         ax.set_yscale("log" if log else "linear")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(EngFormatter())
-    axes[0].axhline(475, color="black", ls=":", lw=1)
+    axes[0].axhline(target, color="black", ls=":", lw=1)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=9)
     for ax in axes[4:]:
         ax.set_xlabel("env steps")
-    fig.suptitle(f"{name} (red, seeds 1-{len(runs)}) against the defaults (gray, seeds 1-{len(healthy)}, each "
+    fig.suptitle(f"{runs[0]['env_id']}: {name} (red, seeds 1-{len(runs)}) against the defaults (gray, seeds 1-{len(healthy)}, each "
                  f"until solved)", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
@@ -232,37 +254,48 @@ def plot(name: str, flags: str, runs: list[dict], healthy: list[dict], path: Pat
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--envs", nargs="+", choices=list(GALLERIES), default=list(GALLERIES))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "failures")
-    parser.add_argument("--figures", type=Path, default=ROOT / "assets" / "failures", help="a PNG per failure mode")
+    parser.add_argument("--figures", type=Path, default=ROOT / "assets" / "failures",
+                        help="a PNG per env and failure mode, <env id>/<mode>.png")
     parser.add_argument("--fixtures", type=Path, default=FIXTURES, help="the runs' metrics, small, for the tests")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    groups = [(name, flags, rule) for name, flags, rule, _ in MODES] + [(name, flags, None)
-                                                                        for name, flags in CUT_SHORT]
     results, problems = {}, []
-    for name, flags, rule in groups:
-        results[name] = [run(name, flags, seed, args.out / "runs") for seed in range(1, args.seeds + 1)]
-        for r in results[name]:
-            problems += check(r, rule)
-            print(f"{name}, seed {r['seed']}: {'solved' if r['summary']['solved_at_step'] else 'not solved'}; "
-                  f"diagnosis: {r['summary']['diagnosis'] or 'none'}", flush=True)
+    for env_id in args.envs:
+        gallery, results[env_id] = GALLERIES[env_id], {}
+        groups = [(name, flags, rule) for name, flags, rule, _ in gallery["modes"]] + [
+            (name, flags, None) for name, flags in gallery["cut_short"]]
+        for name, flags, rule in groups:
+            results[env_id][name] = [run(env_id, name, flags, seed, args.out / "runs")
+                                     for seed in range(1, args.seeds + 1)]
+            for r in results[env_id][name]:
+                problems += check(r, rule)
+                print(f"{env_id} {name}, seed {r['seed']}: "
+                      f"{'solved' if r['summary']['solved_at_step'] else 'not solved'}; "
+                      f"diagnosis: {r['summary']['diagnosis'] or 'none'}", flush=True)
     seconds = time.perf_counter() - start
-    for name, flags, _, _ in MODES[1:]:
-        plot(name, flags, results[name], results[HEALTHY], args.figures / f"{slug(name)}.png")
-    runs = [r for group in results.values() for r in group]
-    args.fixtures.mkdir(parents=True, exist_ok=True)
-    for r in runs:
-        write_fixture(r, args.fixtures)
     command = " ".join(["python bench/failures.py", *(sys.argv[1:] if argv is None else argv)])
+    runs = [r for by_name in results.values() for group in by_name.values() for r in group]
     training = sum(r["summary"]["seconds"] for r in runs)
-    text = (f"{table(results)}\n\n`{command}`: {len(runs)} runs, one at a time, {training:.0f} s of training in all"
-            f" (each run's `seconds`); this call took {seconds:.0f} s wall (a run already in "
-            f"{rel(args.out / 'runs')} is reused, not rerun).\n\nThe figures each rule reads, over the later half "
-            f"of the run (at most its last {ppo.DIAGNOSIS_WINDOW} iterations):\n\n{calibration(results)}\n\n"
-            f"Each rule by itself, on each mode's runs (seeds where it holds):\n\n{overlaps(results)}\n\n"
-            f"The diagnosis of each failure mode's run (seed 1):\n\n"
-            + "\n".join(f"- {name}: {results[name][0]['summary']['diagnosis']}" for name, *_ in MODES[1:]) + "\n")
+    text = (f"`{command}`: {len(runs)} runs, one at a time, {training:.0f} s of training in all (each run's "
+            f"`seconds`); this call took {seconds:.0f} s wall (a run already in {rel(args.out / 'runs')} is reused, "
+            f"not rerun).\n")
+    for env_id, by_name in results.items():
+        gallery = GALLERIES[env_id]
+        for name, flags, _, _ in gallery["modes"][1:]:
+            plot(name, flags, by_name[name], by_name[HEALTHY], ppo.env_spec(env_id).reward_threshold,
+                 args.figures / env_id / f"{slug(name)}.png")
+        (args.fixtures / env_id).mkdir(parents=True, exist_ok=True)
+        for r in [r for group in by_name.values() for r in group]:
+            write_fixture(r, args.fixtures)
+        text += (f"\n## {env_id}\n\n{table(by_name, gallery)}\n\nThe figures each rule reads, over the later half "
+                 f"of the run (at most its last {ppo.DIAGNOSIS_WINDOW} iterations):\n\n"
+                 f"{calibration(by_name, gallery)}\n\nEach rule by itself, on each mode's runs (seeds where it "
+                 f"holds):\n\n{overlaps(by_name)}\n\nThe diagnosis of each failure mode's run (seed 1):\n\n"
+                 + "\n".join(f"- {name}: {by_name[name][0]['summary']['diagnosis']}"
+                             for name, *_ in gallery["modes"][1:]) + "\n")
     (args.out / "failures.md").write_text(text)
     print(f"\n{text}\nwrote {rel(args.out / 'failures.md')}, {rel(args.figures)}/ and {rel(args.fixtures)}/")
     for problem in problems:
