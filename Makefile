@@ -50,7 +50,7 @@ long-run: $(STAMP)  ## the user's --episodes 2000 on seeds 1-10 (gymnasium) and 
 	$(PYTHON) bench/long_run.py --backend torch --seeds 3 --label after
 	$(PYTHON) bench/long_run.py --figure assets/long_run.png
 
-ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 20 variants x 5 seeds (~15 min)
+ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 21 variants x 5 seeds (~15 min)
 	$(PYTHON) bench/ablations.py
 
 failures: $(STAMP)  ## what PPO looks like when it fails, on CartPole-v1 and Acrobot-v1: 5 ways of breaking it beside the defaults, 3 seeds each, and the run's diagnosis checked on each (~15 min)

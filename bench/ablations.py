@@ -50,6 +50,7 @@ VARIANTS = [
     ("no lr annealing", "details", "--no-anneal-lr", None),
     ("gamma 0.98 (the zoo's)", "details", "--gamma 0.98", None),
     ("entropy bonus 0.01", "details", "--entropy-coef 0.01 --entropy-floor 0.01", None),
+    ("the post's entropy annealing, 0.02 to 0.001", "details", "--entropy-coef 0.02 --entropy-floor 0.001", None),
     ("KL early stop 0.02", "details", "--target-kl 0.02", None),
     ("2 epochs", "details", "--update-epochs 2", None),
     ("8 epochs", "details", "--update-epochs 8", None),
