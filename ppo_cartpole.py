@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         usage="%(prog)s [options]  (all of them: --help)",  # one line above an error, not all the flags
         description="PPO for gymnasium's CartPole-v1, in one readable file.",
-        epilog=f"The blog post's settings: python ppo_cartpole.py {POST_SETTINGS}")
+        epilog=f"The blog post's settings, one line to copy:\npython ppo_cartpole.py {POST_SETTINGS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog as written, not wrapped
     for config_class in (Config, RunConfig):
         types = typing.get_type_hints(config_class)
         for field in dataclasses.fields(config_class):

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -103,6 +104,14 @@ def test_the_sizes_help_shows_both_backends_defaults():
     help_text = " ".join(ppo.build_parser().format_help().split())
     for name, size in ppo.BACKEND_SIZES["gymnasium"].items():
         assert f"(default: {size}; torch backend: {ppo.BACKEND_SIZES['torch'][name]})" in help_text
+
+
+def test_the_help_ends_with_the_posts_settings_on_one_line_a_shell_can_take():
+    """README: copy the last line of --help, add --stop-when-solved: argparse must not wrap it."""
+    last = ppo.build_parser().format_help().rstrip("\n").splitlines()[-1]
+    assert last == f"python ppo_cartpole.py {ppo.POST_SETTINGS}"
+    config, _ = ppo.parse_args(shlex.split(last)[2:] + ["--stop-when-solved"])
+    assert (config.num_envs, config.lr, config.value_clip_eps) == (8, 1e-4, 0.2)
 
 
 def test_each_flag_sets_its_field():
