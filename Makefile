@@ -53,7 +53,7 @@ long-run: $(STAMP)  ## the user's --episodes 2000 on seeds 1-10 (gymnasium) and 
 ablations: $(STAMP)  ## what each defect of the post and each PPO detail costs: 21 variants x 5 seeds (~15 min)
 	$(PYTHON) bench/ablations.py
 
-failures: $(STAMP)  ## what PPO looks like when it fails, on CartPole-v1 and Acrobot-v1: 5 ways of breaking it beside the defaults, 3 seeds each, and the run's diagnosis checked on each (~15 min)
+failures: $(STAMP)  ## what PPO looks like when it fails, on CartPole-v1 and Acrobot-v1: 5 ways of breaking it beside the defaults, 3 seeds each, and the run's diagnosis checked on each (~13 min)
 	$(PYTHON) bench/failures.py
 
 clip-figure: $(STAMP)  ## assets/clip.png: L^CLIP of one sample against the ratio, eq. (7), drawn by the script's own loss

@@ -10,7 +10,7 @@ other, and the healthy runs get none, nor would at any iteration before they sol
 the gallery's tables and the figures: per env and failure mode, its diagnostic panels beside the
 healthy runs' (docs/failures.md).
 
-    python bench/failures.py                         # both galleries: 45 runs, about 15 min on 2 cores
+    python bench/failures.py                         # both galleries: 45 runs, about 12 min on 2 cores
     python bench/failures.py --envs Acrobot-v1       # one
     python bench/failures.py --seeds 1               # a smaller one
 """
