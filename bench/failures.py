@@ -101,8 +101,8 @@ def slug(name: str) -> str:
 def run(env_id: str, name: str, flags: str, seed: int, folder: Path) -> dict:
     """One run as a learner would start it, unless its folder already holds a finished one."""
     run_dir = folder / env_id / f"{slug(name)}__seed{seed}"
-    command = ["ppo_cartpole.py", "--env-id", env_id, *shlex.split(flags), "--seed", str(seed), "--device", "cpu", "--no-gif",
-               "--no-plot", "--out-dir", str(run_dir)]
+    command = ["ppo_cartpole.py", "--env-id", env_id, *shlex.split(flags), "--seed", str(seed), "--device", "cpu",
+               "--no-gif", "--no-plot", "--out-dir", str(run_dir)]
     if not (run_dir / "summary.json").exists():
         if run_dir.exists():  # a run that did not finish: start it again
             shutil.rmtree(run_dir)
@@ -144,8 +144,8 @@ def check(r: dict, rule: str | None) -> list[str]:
 
 
 def write_fixture(r: dict, folder: Path) -> None:
-    """Run r's metrics into `folder`/<its env id> (made), the columns the rules read (6 significant digits), up to its solve
-    if it solved."""
+    """Run r's metrics into `folder`/<its env id> (a folder that must exist), the columns the rules read
+    (6 significant digits), up to its solve if it solved."""
     solved_at = r["summary"]["solved_at_iteration"]
     rows = r["rows"] if solved_at is None else r["rows"][:solved_at + 1]
     with open(folder / r["env_id"] / f"{slug(r['name'])}__seed{r['seed']}.csv", "w", newline="") as f:
@@ -245,8 +245,8 @@ def plot(name: str, flags: str, runs: list[dict], healthy: list[dict], target: f
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=9)
     for ax in axes[4:]:
         ax.set_xlabel("env steps")
-    fig.suptitle(f"{runs[0]['env_id']}: {name} (red, seeds 1-{len(runs)}) against the defaults (gray, seeds 1-{len(healthy)}, each "
-                 f"until solved)", fontsize=12)
+    fig.suptitle(f"{runs[0]['env_id']}: {name} (red, seeds 1-{len(runs)}) against the defaults (gray, seeds "
+                 f"1-{len(healthy)}, each until solved)", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
 
@@ -288,8 +288,9 @@ def main(argv=None) -> int:
             plot(name, flags, by_name[name], by_name[HEALTHY], ppo.env_spec(env_id).reward_threshold,
                  args.figures / env_id / f"{slug(name)}.png")
         (args.fixtures / env_id).mkdir(parents=True, exist_ok=True)
-        for r in [r for group in by_name.values() for r in group]:
-            write_fixture(r, args.fixtures)
+        for group in by_name.values():
+            for r in group:
+                write_fixture(r, args.fixtures)
         text += (f"\n## {env_id}\n\n{table(by_name, gallery)}\n\nThe figures each rule reads, over the later half "
                  f"of the run (at most its last {ppo.DIAGNOSIS_WINDOW} iterations):\n\n"
                  f"{calibration(by_name, gallery)}\n\nEach rule by itself, on each mode's runs (seeds where it "
